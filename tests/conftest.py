@@ -1,0 +1,29 @@
+"""Shared pytest fixtures for the zoo test-suite."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = Path(os.environ.get("ZOO_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers on a two-core machine: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def mnist_dir() -> Path:
+    """The offline MNIST test split; tests that need it are skipped on machines without it."""
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST files not found in {MNIST_DIR} (set ZOO_MNIST to a folder with the IDX files)")
+    return MNIST_DIR
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

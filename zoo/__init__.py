@@ -1,0 +1,8 @@
+"""zoo: lightweight CNNs (MobileNet, SqueezeNet, ShuffleNet, ResNet, LeNet) with recipes to train,
+distill, prune, quantize and factorize them, and profilers whose counts match the papers."""
+
+from zoo._registry import ModelCard, create, list_models, model_args, model_card, register_model
+from zoo.errors import ZooError
+
+__all__ = ["ModelCard", "ZooError", "create", "list_models", "model_args", "model_card", "register_model"]
+__version__ = "0.1.0"

@@ -1,0 +1,227 @@
+"""The model registry: entry points, model cards kept as data, and validation of `create` kwargs.
+
+Modelled on the torchvision `models/_api.py` idea (a small registry that rejects duplicate names,
+fnmatch listing, metadata as data). Every entry point declares the keyword arguments it accepts
+with their types and ranges, so a bad value fails at `create` with one clear message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from zoo.errors import ZooError
+
+# Modules that define model families. They are imported explicitly (not via star-import side effects)
+# the first time the registry is queried.
+FAMILY_MODULES: tuple[str, ...] = (
+    "zoo.models.mobilenet_v1",
+    "zoo.models.mobilenet_v2",
+    "zoo.models.squeezenet",
+    "zoo.models.shufflenet_v1",
+    "zoo.models.shufflenet_v2",
+    "zoo.models.resnet",
+    "zoo.models.lenet",
+)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One keyword argument accepted by a model entry point, with its type and allowed range."""
+
+    type: type  # int, float, str, bool or tuple
+    default: Any
+    choices: tuple | None = None  # allowed values, if the set is finite
+    min: float | None = None  # lower bound (inclusive unless min_exclusive)
+    max: float | None = None  # upper bound (inclusive)
+    min_exclusive: bool = False
+    doc: str = ""
+
+    def describe(self) -> str:
+        """Human-readable description of the allowed values."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        tname = {int: "int", float: "float", str: "str", bool: "bool", tuple: "tuple of ints"}[self.type]
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_exclusive else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"<= {self.max:g}")
+        return tname + (" " + " and ".join(parts) if parts else "")
+
+    def validate(self, model: str, name: str, value: Any) -> Any:
+        """Return the value converted to the declared type, or raise ZooError naming the problem."""
+        bad = ZooError(f"{model}: {name}={value!r} is not allowed; expected {self.describe()}")
+        if self.type is tuple:
+            if isinstance(value, (int,)) and not isinstance(value, bool):
+                value = (value,)
+            if not isinstance(value, (tuple, list)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            ):
+                raise ZooError(f"{model}: {name}={value!r} is not allowed; expected a tuple of positive ints")
+            return tuple(value)
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.type is str:
+            if not isinstance(value, str):
+                raise bad
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise bad
+        elif self.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad
+            value = float(value)
+            if not math.isfinite(value):
+                raise bad
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ZooError(
+                    f"{model}: {name}={value!r} is not supported; allowed: "
+                    + ", ".join(repr(c) for c in self.choices)
+                )
+            return value
+        if self.min is not None and (value <= self.min if self.min_exclusive else value < self.min):
+            if name == "resolution":
+                raise ZooError(f"{model}: resolution={value} is below the minimum {self.min:g} for this model")
+            raise bad
+        if self.max is not None and value > self.max:
+            raise bad
+        return value
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A reference number from the paper (or torchvision) for one configuration of a model."""
+
+    kwargs: dict  # the configuration, e.g. {"width": 0.5}
+    source: str  # where the number comes from, e.g. "Howard et al. 2017, Table 6"
+    params: int | None = None  # reference parameter count (1000 classes, 3 channels)
+    params_tol: int = 0  # absolute tolerance on params
+    macs: int | None = None  # reference multiply-accumulates at the default input size
+    macs_rtol: float = 0.01  # relative tolerance on MACs
+    label: str = ""  # row label in `zoo tables`; defaults to the kwargs
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything zoo knows about a registered model, kept as data."""
+
+    name: str
+    family: str
+    paper: str
+    url: str
+    args: dict[str, Arg]  # accepted kwargs (model-specific ones; num_classes and in_chans are added)
+    references: tuple[Reference, ...] = ()
+    default_resolution: int = 224  # input side when the model has no `resolution` kwarg
+    min_resolution: int = 32  # smallest input side the network accepts
+    fixed_resolution: bool = False  # True for MLP/LeNet heads that need exactly one input size
+    description: str = ""
+
+    def input_size(self, kwargs: dict) -> tuple[int, int, int]:
+        """Default (C, H, W) input size for the given resolved kwargs."""
+        res = kwargs.get("resolution", self.default_resolution)
+        return (kwargs.get("in_chans", 3), res, res)
+
+
+COMMON_ARGS: dict[str, Arg] = {
+    "num_classes": Arg(int, 1000, min=1, doc="number of output classes"),
+    "in_chans": Arg(int, 3, min=1, max=64, doc="number of input channels"),
+}
+
+
+@dataclass
+class _Entry:
+    fn: Callable[..., nn.Module]
+    card: ModelCard
+    all_args: dict[str, Arg] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_loaded = False
+
+
+def register_model(card: ModelCard) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator registering an entry point under `card.name`; a duplicate name is an error."""
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if card.name in _REGISTRY:
+            raise ZooError(f"a model named {card.name!r} is already registered")
+        args = dict(card.args)
+        for k, v in COMMON_ARGS.items():
+            args.setdefault(k, v)
+        _REGISTRY[card.name] = _Entry(fn=fn, card=card, all_args=args)
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for mod in FAMILY_MODULES:
+            importlib.import_module(mod)
+
+
+def _entry(name: str) -> _Entry:
+    _ensure_loaded()
+    if not isinstance(name, str):
+        raise ZooError(f"model name must be a string, got {type(name).__name__}")
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see zoo.list_models()"
+        raise ZooError(f"unknown model {name!r}{hint}")
+    return _REGISTRY[name]
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Sorted names of registered models matching an fnmatch pattern."""
+    _ensure_loaded()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_card(name: str) -> ModelCard:
+    """The ModelCard of a registered model."""
+    return _entry(name).card
+
+
+def model_args(name: str) -> dict[str, Arg]:
+    """All kwargs accepted by `create(name, ...)`, including num_classes and in_chans."""
+    return dict(_entry(name).all_args)
+
+
+def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
+    """Validate kwargs for `name` and return the complete kwargs with defaults filled in."""
+    entry = _entry(name)
+    unknown = [k for k in kwargs if k not in entry.all_args]
+    if unknown:
+        raise ZooError(
+            f"{name}: unknown argument {unknown[0]!r}; accepted: " + ", ".join(sorted(entry.all_args))
+        )
+    out = {}
+    for k, spec in entry.all_args.items():
+        out[k] = spec.validate(name, k, kwargs[k]) if k in kwargs else spec.default
+    return out
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name, validating every kwarg first."""
+    entry = _entry(name)
+    resolved = resolve_kwargs(name, **kwargs)
+    model = entry.fn(**resolved)
+    model.zoo_name = name
+    model.zoo_kwargs = dict(resolved)
+    model.default_input_size = entry.card.input_size(resolved)
+    return model

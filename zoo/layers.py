@@ -1,0 +1,335 @@
+"""Shared building blocks for the zoo's lightweight CNNs.
+
+Blocks from: MobileNets (Howard et al. 2017, depthwise-separable conv), MobileNetV2 (Sandler et al.
+2018, inverted residual), SqueezeNet (Iandola et al. 2016, Fire module), ShuffleNet (Zhang et al.
+2017, group conv + channel shuffle), ShuffleNet V2 (Ma et al. 2018) and ResNet (He et al. 2016).
+
+Every block is written once and is quantization-ready: conv-bn-act live in `ConvNormAct` (fusable by
+`torch.ao.quantization.fuse_modules` on `[conv, bn, act]`), and residual adds / concatenations go
+through `FloatFunctional`, so the same module runs in fp32 and, after conversion, in int8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.ao.nn.quantized import FloatFunctional
+from torch.ao.quantization import DeQuantStub, QuantStub
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+from zoo.errors import ZooError
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
+    """Round `v` to the nearest multiple of `divisor`, never going below `round_limit * v`."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def make_act(act: str | None) -> nn.Module:
+    """Activation module by name: 'relu', 'relu6' or None (identity)."""
+    if act is None:
+        return nn.Identity()
+    if act == "relu":
+        return nn.ReLU(inplace=True)
+    if act == "relu6":
+        return nn.ReLU6(inplace=True)
+    raise ValueError(f"unknown activation {act!r}; allowed: 'relu', 'relu6', None")
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d -> BatchNorm2d (optional) -> activation (optional); fusable as [conv, bn, act]."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        groups: int = 1,
+        act: str | None = "relu",
+        norm: bool = True,
+        bias: bool | None = None,
+        padding: int | None = None,
+    ):
+        super().__init__()
+        padding = kernel_size // 2 if padding is None else padding
+        bias = (not norm) if bias is None else bias
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
+        self.act = make_act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet v1 block: 3x3 depthwise ConvNormAct then 1x1 pointwise ConvNormAct."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 1, act: str = "relu"):
+        super().__init__()
+        self.dw = ConvNormAct(in_chs, in_chs, 3, stride, groups=in_chs, act=act)
+        self.pw = ConvNormAct(in_chs, out_chs, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw(self.dw(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet v2 block: 1x1 expand -> 3x3 depthwise -> 1x1 linear projection, residual if shapes match."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, expand_ratio: float, act: str = "relu6"):
+        super().__init__()
+        hidden = int(round(in_chs * expand_ratio))
+        self.use_res = stride == 1 and in_chs == out_chs
+        self.expand = ConvNormAct(in_chs, hidden, 1, act=act) if expand_ratio != 1 else nn.Identity()
+        self.dw = ConvNormAct(hidden, hidden, 3, stride, groups=hidden, act=act)
+        self.project = ConvNormAct(hidden, out_chs, 1, act=None)
+        self.skip = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.dw(self.expand(x)))
+        return self.skip.add(x, out) if self.use_res else out
+
+
+class Fire(nn.Module):
+    """SqueezeNet Fire module: 1x1 squeeze, then concatenated 1x1 and 3x3 expands; optional bypass.
+
+    bypass: 'none'; 'simple' (identity add, only when in == out channels); 'complex' (1x1 conv add).
+    """
+
+    def __init__(self, in_chs: int, squeeze: int, expand1x1: int, expand3x3: int, bypass: str = "none"):
+        super().__init__()
+        out_chs = expand1x1 + expand3x3
+        self.squeeze = ConvNormAct(in_chs, squeeze, 1, norm=False)
+        self.expand1x1 = ConvNormAct(squeeze, expand1x1, 1, norm=False)
+        self.expand3x3 = ConvNormAct(squeeze, expand3x3, 3, norm=False)
+        if bypass == "simple" and in_chs != out_chs:
+            raise ValueError("a simple bypass needs equal input and output channels")
+        self.bypass = bypass
+        self.bypass_conv = (
+            nn.Conv2d(in_chs, out_chs, 1, bias=False) if bypass == "complex" else None
+        )
+        self.cat = FloatFunctional()
+        self.skip = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze(x)
+        out = self.cat.cat([self.expand1x1(s), self.expand3x3(s)], 1)
+        if self.bypass == "simple":
+            out = self.skip.add(out, x)
+        elif self.bypass_conv is not None:
+            out = self.skip.add(out, self.bypass_conv(x))
+        return out
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Interleave channels across `groups` (ShuffleNet): (N, g*c, H, W) -> (N, c*g, H, W)."""
+    n, c, h, w = x.shape
+    x = x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(n, c, h, w)
+
+
+class ChannelShuffle(nn.Module):
+    """Module form of `channel_shuffle`, so that graph passes can see and respect it."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_shuffle(x, self.groups)
+
+
+class ShuffleV1Unit(nn.Module):
+    """ShuffleNet v1 unit: 1x1 group conv -> shuffle -> 3x3 depthwise -> 1x1 group conv.
+
+    stride 1: residual add (in == out). stride 2: the branch makes out - in channels, concatenated with
+    a 3x3 average-pooled shortcut. `first_groups` lets stage 2's first 1x1 conv be ungrouped (paper 3.3).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, mid_chs: int, groups: int, stride: int, first_groups: int):
+        super().__init__()
+        self.stride = stride
+        branch_out = out_chs - in_chs if stride == 2 else out_chs
+        self.conv1 = ConvNormAct(in_chs, mid_chs, 1, groups=first_groups, act="relu")
+        self.shuffle = ChannelShuffle(groups) if first_groups > 1 else nn.Identity()
+        self.dw = ConvNormAct(mid_chs, mid_chs, 3, stride, groups=mid_chs, act=None)
+        self.conv2 = ConvNormAct(mid_chs, branch_out, 1, groups=groups, act=None)
+        self.pool = nn.AvgPool2d(3, 2, 1) if stride == 2 else nn.Identity()
+        self.merge = FloatFunctional()
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.dw(self.shuffle(self.conv1(x))))
+        if self.stride == 2:
+            out = self.merge.cat([self.pool(x), out], 1)
+        else:
+            out = self.merge.add(x, out)
+        return self.relu(out)
+
+
+class ShuffleV2Unit(nn.Module):
+    """ShuffleNet v2 unit: channel split (stride 1) or two strided branches (stride 2), concat, shuffle."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        branch = out_chs // 2
+        if stride == 1 and in_chs != 2 * branch:
+            raise ValueError("a stride-1 ShuffleNet v2 unit needs in_chs == out_chs")
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                ConvNormAct(in_chs, in_chs, 3, stride, groups=in_chs, act=None),
+                ConvNormAct(in_chs, branch, 1, act="relu"),
+            )
+        else:
+            self.branch1 = nn.Identity()
+        b2_in = in_chs if stride > 1 else branch
+        self.branch2 = nn.Sequential(
+            ConvNormAct(b2_in, branch, 1, act="relu"),
+            ConvNormAct(branch, branch, 3, stride, groups=branch, act=None),
+            ConvNormAct(branch, branch, 1, act="relu"),
+        )
+        self.cat = FloatFunctional()
+        self.shuffle = ChannelShuffle(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = self.cat.cat([x1, self.branch2(x2)], 1)
+        else:
+            out = self.cat.cat([self.branch1(x), self.branch2(x)], 1)
+        return self.shuffle(out)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 ConvNormAct, residual add then ReLU."""
+
+    expansion = 1
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = ConvNormAct(in_chs, planes, 3, stride, act="relu")
+        self.conv2 = ConvNormAct(planes, out_chs, 3, act=None)
+        self.downsample = (
+            ConvNormAct(in_chs, out_chs, 1, stride, act=None) if stride != 1 or in_chs != out_chs else None
+        )
+        self.skip = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.skip.add_relu(self.conv2(self.conv1(x)), shortcut)
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 reduce, 3x3 (carries the stride, as in torchvision), 1x1 expand x4."""
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = ConvNormAct(in_chs, planes, 1, act="relu")
+        self.conv2 = ConvNormAct(planes, planes, 3, stride, act="relu")
+        self.conv3 = ConvNormAct(planes, out_chs, 1, act=None)
+        self.downsample = (
+            ConvNormAct(in_chs, out_chs, 1, stride, act=None) if stride != 1 or in_chs != out_chs else None
+        )
+        self.skip = FloatFunctional()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.skip.add_relu(self.conv3(self.conv2(self.conv1(x))), shortcut)
+
+
+def _skip_checks() -> bool:
+    return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_symbolic_tracing()
+
+
+class ZooModel(nn.Module):
+    """Base class of every zoo model: input checks, quant stubs and the timm-style head API.
+
+    Subclasses set `num_features`, `self.classifier` (or override the head methods) and implement
+    `forward_features`. `forward` = quant -> features -> head -> dequant; the stubs are identities
+    until the model is converted to int8.
+    """
+
+    def __init__(self, in_chans: int, min_input_size: int, fixed_input_size: int | None = None):
+        super().__init__()
+        self.in_chans = in_chans
+        self.min_input_size = min_input_size
+        self.fixed_input_size = fixed_input_size
+        self.num_features = 0
+        self.quant = QuantStub()
+        self.dequant = DeQuantStub()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ZooError unless x is (N, in_chans, H, W) with H, W large enough for the network."""
+        if _skip_checks():
+            return
+        name = getattr(self, "zoo_name", type(self).__name__)
+        shape = tuple(x.shape)
+        if self.fixed_input_size is not None:
+            s = self.fixed_input_size
+            ok = x.dim() == 4 and shape[1] == self.in_chans and shape[2] == s and shape[3] == s
+            want = f"(N, {self.in_chans}, {s}, {s})"
+        else:
+            m = self.min_input_size
+            ok = x.dim() == 4 and shape[1] == self.in_chans and shape[2] >= m and shape[3] >= m
+            want = f"(N, {self.in_chans}, H, W) with H, W >= {m}"
+        if not ok:
+            raise ZooError(f"{name}: expected input of shape {want}; got {shape}")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pool, dropout and classifier; `pre_logits=True` stops before the classifier."""
+        x = self.global_pool(x).flatten(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
+
+    def get_classifier(self) -> nn.Module:
+        """The final classification layer."""
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a freshly initialised one for `num_classes` outputs."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ZooError(f"reset_classifier: num_classes={num_classes!r} is not allowed; expected int >= 1")
+        self.classifier = nn.Linear(self.num_features, num_classes)
+        init_linear(self.classifier)
+        if hasattr(self, "zoo_kwargs"):
+            self.zoo_kwargs["num_classes"] = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.quant(x)
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return self.dequant(x)
+
+
+def init_linear(m: nn.Linear) -> None:
+    """torchvision-style classifier init: N(0, 0.01) weights, zero bias."""
+    nn.init.normal_(m.weight, 0, 0.01)
+    nn.init.zeros_(m.bias)
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision-style init: Kaiming-normal (fan_out) convs, unit BN, N(0, 0.01) linears."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            init_linear(m)

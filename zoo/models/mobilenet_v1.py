@@ -1,0 +1,72 @@
+"""MobileNet v1: Howard et al. 2017, "MobileNets: Efficient Convolutional Neural Networks for Mobile
+Vision Applications" (arXiv:1704.04861). Width multiplier alpha and resolution multiplier rho.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zoo._registry import Arg, ModelCard, Reference, register_model
+from zoo.layers import ConvNormAct, DepthwiseSeparable, ZooModel, init_weights, make_divisible
+
+# (out_channels, stride) of the 13 depthwise-separable blocks, paper Table 1.
+CFG: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)
+
+
+class MobileNetV1(ZooModel):
+    """MobileNet v1 with a width multiplier applied to every layer, stem and last layer included."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__(in_chans, min_input_size=32)
+        ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
+        self.stem = ConvNormAct(in_chans, ch(32), 3, 2)  # (N, 32a, H/2, W/2)
+        blocks, prev = [], ch(32)
+        for c, s in CFG:
+            blocks.append(DepthwiseSeparable(prev, ch(c), s))
+            prev = ch(c)
+        self.blocks = nn.Sequential(*blocks)  # (N, 1024a, H/32, W/32)
+        self.num_features = prev
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(prev, num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+_PAPER = "Howard et al. 2017, MobileNets: Efficient Convolutional Neural Networks for Mobile Vision Applications"
+_T6, _T7 = "Howard et al. 2017, Table 6", "Howard et al. 2017, Table 7"
+
+CARD = ModelCard(
+    name="mobilenet_v1",
+    family="mobilenet_v1",
+    paper=_PAPER,
+    url="https://arxiv.org/abs/1704.04861",
+    args={
+        "width": Arg(float, 1.0, min=0.0, max=4.0, min_exclusive=True, doc="width multiplier alpha"),
+        "resolution": Arg(int, 224, min=32, max=1024, doc="default input side (resolution multiplier)"),
+        "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
+    },
+    references=(
+        Reference({"width": 1.0}, _T6, params=4_200_000, params_tol=50_000, macs=569_000_000, label="1.0 MobileNet-224"),
+        Reference({"width": 0.75}, _T6, params=2_600_000, params_tol=50_000, macs=325_000_000, label="0.75 MobileNet-224"),
+        Reference({"width": 0.5}, _T6, params=1_300_000, params_tol=50_000, macs=149_000_000, label="0.5 MobileNet-224"),
+        Reference({"width": 0.25}, _T6, params=500_000, params_tol=50_000, macs=41_000_000, label="0.25 MobileNet-224"),
+        Reference({"resolution": 192}, _T7, params=4_200_000, params_tol=50_000, macs=418_000_000, label="1.0 MobileNet-192"),
+        Reference({"resolution": 160}, _T7, params=4_200_000, params_tol=50_000, macs=290_000_000, label="1.0 MobileNet-160"),
+        Reference({"resolution": 128}, _T7, params=4_200_000, params_tol=50_000, macs=186_000_000, label="1.0 MobileNet-128"),
+    ),
+    description="Depthwise-separable convolutions; width and resolution multipliers.",
+)
+
+
+@register_model(CARD)
+def mobilenet_v1(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0) -> MobileNetV1:
+    """MobileNet v1 (Howard et al. 2017); `resolution` sets the default input size."""
+    return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)

@@ -1,0 +1,109 @@
+"""ResNet: He et al. 2016, "Deep Residual Learning for Image Recognition" (CVPR 2016, arXiv:1512.03385).
+
+ImageNet ResNets (18/34 with basic blocks, 50/101/152 with bottlenecks, stride on the 3x3 conv as in
+torchvision) and the CIFAR ResNets of section 4.2 (6n+2 layers, 16/32/64 channels, 1x1 projection
+shortcuts), which serve as distillation teachers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zoo._registry import Arg, ModelCard, Reference, register_model
+from zoo.layers import BasicBlock, Bottleneck, ConvNormAct, ZooModel, init_weights
+
+
+class ResNet(ZooModel):
+    """ResNet with an ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or a CIFAR stem (3x3/1 conv)."""
+
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...],
+                 widths: tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet",
+                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__(in_chans, min_input_size=32 if stem == "imagenet" else 8)
+        if stem == "imagenet":
+            self.stem = ConvNormAct(in_chans, widths[0], 7, 2)  # (N, 64, H/2, W/2)
+            self.stem_pool = nn.MaxPool2d(3, 2, 1)  # (N, 64, H/4, W/4)
+        else:
+            self.stem = ConvNormAct(in_chans, widths[0], 3, 1)  # (N, 16, H, W)
+            self.stem_pool = nn.Identity()
+        stages, prev = [], widths[0]
+        for i, (n, planes) in enumerate(zip(layers, widths)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(prev, planes, stride=2 if (i > 0 and j == 0) else 1))
+                prev = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)  # (N, C_last, H/32, W/32) ImageNet; (N, 64, H/4, W/4) CIFAR
+        self.num_features = prev
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(prev, num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem_pool(self.stem(x)))
+
+
+_PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
+_URL = "https://arxiv.org/abs/1512.03385"
+_ARGS = {"drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier")}
+_TV = "torchvision parameter count; MACs from He et al. 2016, Table 1"
+
+_IMAGENET = {
+    # name: (block, layers, torchvision params, reference MACs or None)
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 11_689_512, None),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 21_797_672, None),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 25_557_032, 4_090_000_000),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 44_549_160, None),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 60_192_808, None),
+}
+
+# name: (n blocks per stage, reference params, reference MACs at 32 px)
+_CIFAR = {
+    "resnet20": (3, 270_000, 40_800_000),
+    "resnet32": (5, 470_000, 69_100_000),
+    "resnet44": (7, 660_000, 97_400_000),
+    "resnet56": (9, 860_000, 125_800_000),
+}
+
+
+def _register_imagenet(name: str, block, layers, params: int, macs: int | None) -> None:
+    card = ModelCard(
+        name=name, family="resnet", paper=_PAPER, url=_URL, args=_ARGS,
+        references=(Reference({}, _TV, params=params, macs=macs, macs_rtol=0.01, label=name),),
+        description=f"ImageNet ResNet, {'basic' if block is BasicBlock else 'bottleneck'} blocks {layers}.",
+    )
+
+    @register_model(card)
+    def entry(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
+        return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{name} (He et al. 2016), ImageNet stem."
+    globals()[name] = entry
+
+
+def _register_cifar(name: str, n: int, params: int, macs: int) -> None:
+    card = ModelCard(
+        name=name, family="resnet_cifar", paper=_PAPER, url=_URL, args=_ARGS,
+        references=(Reference({"num_classes": 10}, "He et al. 2016, Table 6 (CIFAR-10)", params=params,
+                              params_tol=10_000, macs=macs, macs_rtol=0.02, label=name),),
+        default_resolution=32, min_resolution=8,
+        description=f"CIFAR ResNet-{6 * n + 2}: 3 stages of {n} basic blocks, 16/32/64 channels.",
+    )
+
+    @register_model(card)
+    def entry(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
+        return ResNet(BasicBlock, (n, n, n), widths=(16, 32, 64), stem="cifar",
+                      num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{name} (He et al. 2016, section 4.2), CIFAR stem, 32 px input."
+    globals()[name] = entry
+
+
+for _name, (_block, _layers, _params, _macs) in _IMAGENET.items():
+    _register_imagenet(_name, _block, _layers, _params, _macs)
+for _name, (_n, _params, _macs) in _CIFAR.items():
+    _register_cifar(_name, _n, _params, _macs)
