@@ -86,15 +86,16 @@ def _register_imagenet(name: str, block, layers, params: int, macs: int | None) 
 
 def _register_cifar(name: str, n: int, params: int, macs: int) -> None:
     card = ModelCard(
-        name=name, family="resnet_cifar", paper=_PAPER, url=_URL, args=_ARGS,
-        references=(Reference({"num_classes": 10}, "He et al. 2016, Table 6 (CIFAR-10)", params=params,
+        name=name, family="resnet_cifar", paper=_PAPER, url=_URL,
+        args={**_ARGS, "num_classes": Arg(int, 10, min=1, doc="number of output classes")},
+        references=(Reference({}, "He et al. 2016, Table 6 (CIFAR-10)", params=params,
                               params_tol=10_000, macs=macs, macs_rtol=0.02, label=name),),
         default_resolution=32, min_resolution=8,
         description=f"CIFAR ResNet-{6 * n + 2}: 3 stages of {n} basic blocks, 16/32/64 channels.",
     )
 
     @register_model(card)
-    def entry(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
+    def entry(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
         return ResNet(BasicBlock, (n, n, n), widths=(16, 32, 64), stem="cifar",
                       num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
 

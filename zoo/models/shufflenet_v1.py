@@ -1,1 +1,80 @@
-"""placeholder"""
+"""ShuffleNet v1: Zhang et al. 2017, "ShuffleNet: An Extremely Efficient Convolutional Neural Network for
+Mobile Devices" (CVPR 2018, arXiv:1707.01083). Pointwise group convolutions with channel shuffle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zoo._registry import Arg, ModelCard, Reference, register_model
+from zoo.layers import ConvNormAct, ShuffleV1Unit, ZooModel, init_weights, make_divisible
+
+# Output channels of stages 2-4 at width 1.0 for each group count, paper Table 1.
+STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
+    1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960), 4: (272, 544, 1088), 8: (384, 768, 1536),
+}
+REPEATS = (4, 8, 4)
+STEM = 24
+
+
+class ShuffleNetV1(ZooModel):
+    """ShuffleNet v1 (g groups, width s): stem 3x3/2 + max-pool, three stages of ShuffleNet units.
+
+    Stage channels are scaled by `width` and rounded to multiples of 4*g, so that the bottleneck
+    (a quarter of the output) and every branch (out - in on stride-2 units) divide by g. At width 1.0
+    this reproduces Table 1 exactly. The 24-channel stem is not scaled (it divides by every g).
+    """
+
+    def __init__(self, groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
+                 drop_rate: float = 0.0):
+        super().__init__(in_chans, min_input_size=32)
+        self.stem = ConvNormAct(in_chans, STEM, 3, 2)  # (N, 24, H/2, W/2)
+        self.stem_pool = nn.MaxPool2d(3, 2, 1)  # (N, 24, H/4, W/4)
+        stages, prev = [], STEM
+        for si, (c, n) in enumerate(zip(STAGE_CHANNELS[groups], REPEATS)):
+            out = make_divisible(c * width, 4 * groups)
+            units = []
+            for i in range(n):
+                # Paper 3.3: no group conv on the first pointwise layer of stage 2 (few input channels).
+                first_groups = 1 if (si == 0 and i == 0) else groups
+                units.append(ShuffleV1Unit(prev, out, out // 4, groups, 2 if i == 0 else 1, first_groups))
+                prev = out
+            stages.append(nn.Sequential(*units))
+        self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32)
+        self.num_features = prev
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(prev, num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem_pool(self.stem(x)))
+
+
+_SRC = "Zhang et al. 2017, Table 2 (ShuffleNet 1x)"
+# Paper complexity (MFLOPs, i.e. mult-adds) of ShuffleNet 1x for g = 1, 2, 3, 4, 8 is about 140 M.
+CARD = ModelCard(
+    name="shufflenet_v1",
+    family="shufflenet_v1",
+    paper="Zhang et al. 2017, ShuffleNet: An Extremely Efficient Convolutional Neural Network for Mobile Devices",
+    url="https://arxiv.org/abs/1707.01083",
+    args={
+        "groups": Arg(int, 3, choices=(1, 2, 3, 4, 8), doc="groups of the pointwise convolutions"),
+        "width": Arg(float, 1.0, choices=(0.25, 0.5, 1.0, 1.5, 2.0), doc="width multiplier s"),
+        "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
+    },
+    references=tuple(
+        Reference({"groups": g}, _SRC, macs=140_000_000, macs_rtol=0.05, label=f"ShuffleNet 1x (g={g})")
+        for g in (1, 2, 3, 4, 8)
+    ),
+    description="Pointwise group convolutions and channel shuffle.",
+)
+
+
+@register_model(CARD)
+def shufflenet_v1(groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
+                  drop_rate: float = 0.0) -> ShuffleNetV1:
+    """ShuffleNet v1 (Zhang et al. 2017) with `groups` in {1,2,3,4,8} and width in {0.25,...,2.0}."""
+    return ShuffleNetV1(groups=groups, width=width, num_classes=num_classes, in_chans=in_chans,
+                        drop_rate=drop_rate)

@@ -1,1 +1,71 @@
-"""placeholder"""
+"""ShuffleNet v2: Ma et al. 2018, "ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture
+Design" (ECCV 2018, arXiv:1807.11164). Channel split, concat and shuffle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from zoo._registry import Arg, ModelCard, Reference, register_model
+from zoo.layers import ConvNormAct, ShuffleV2Unit, ZooModel, init_weights
+
+# Output channels of (stem, stage2, stage3, stage4, conv5) per width, paper Table 5.
+CHANNELS: dict[float, tuple[int, int, int, int, int]] = {
+    0.5: (24, 48, 96, 192, 1024),
+    1.0: (24, 116, 232, 464, 1024),
+    1.5: (24, 176, 352, 704, 1024),
+    2.0: (24, 244, 488, 976, 2048),
+}
+REPEATS = (4, 8, 4)
+
+
+class ShuffleNetV2(ZooModel):
+    """ShuffleNet v2: stem + max-pool, three stages of units, 1x1 conv5, global pool, classifier."""
+
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__(in_chans, min_input_size=32)
+        chs = CHANNELS[width]
+        self.stem = ConvNormAct(in_chans, chs[0], 3, 2)  # (N, 24, H/2, W/2)
+        self.stem_pool = nn.MaxPool2d(3, 2, 1)  # (N, 24, H/4, W/4)
+        stages, prev = [], chs[0]
+        for out, n in zip(chs[1:4], REPEATS):
+            stages.append(nn.Sequential(*[ShuffleV2Unit(prev if i == 0 else out, out, 2 if i == 0 else 1)
+                                          for i in range(n)]))
+            prev = out
+        self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32)
+        self.conv_head = ConvNormAct(prev, chs[4], 1)  # (N, 1024, H/32, W/32)
+        self.num_features = chs[4]
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(chs[4], num_classes)
+        init_weights(self)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_head(self.stages(self.stem_pool(self.stem(x))))
+
+
+_SRC = "torchvision params; Ma et al. 2018, Table 5 MACs"
+CARD = ModelCard(
+    name="shufflenet_v2",
+    family="shufflenet_v2",
+    paper="Ma et al. 2018, ShuffleNet V2: Practical Guidelines for Efficient CNN Architecture Design",
+    url="https://arxiv.org/abs/1807.11164",
+    args={
+        "width": Arg(float, 1.0, choices=(0.5, 1.0, 1.5, 2.0), doc="width multiplier"),
+        "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
+    },
+    references=tuple(
+        Reference({"width": w}, _SRC, params=p, macs=m, macs_rtol=0.03, label=f"ShuffleNet v2 {w}x")
+        for w, p, m in ((0.5, 1_366_792, 41_000_000), (1.0, 2_278_604, 146_000_000),
+                        (1.5, 3_503_624, 299_000_000), (2.0, 7_393_996, 591_000_000))
+    ),
+    description="Channel split, concat and channel shuffle; equal-width branches.",
+)
+
+
+@register_model(CARD)
+def shufflenet_v2(width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
+                  drop_rate: float = 0.0) -> ShuffleNetV2:
+    """ShuffleNet v2 (Ma et al. 2018) at width 0.5, 1.0, 1.5 or 2.0."""
+    return ShuffleNetV2(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
