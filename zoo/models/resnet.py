@@ -48,15 +48,15 @@ class ResNet(ZooModel):
 _PAPER = "He et al. 2016, Deep Residual Learning for Image Recognition"
 _URL = "https://arxiv.org/abs/1512.03385"
 _ARGS = {"drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier")}
-_TV = "torchvision parameter count; MACs from He et al. 2016, Table 1"
+_TV = "torchvision parameter count and published GFLOPS (MACs)"
 
 _IMAGENET = {
     # name: (block, layers, torchvision params, reference MACs or None)
-    "resnet18": (BasicBlock, (2, 2, 2, 2), 11_689_512, None),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), 21_797_672, None),
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 11_689_512, 1_810_000_000),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 21_797_672, 3_660_000_000),
     "resnet50": (Bottleneck, (3, 4, 6, 3), 25_557_032, 4_090_000_000),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), 44_549_160, None),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), 60_192_808, None),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 44_549_160, 7_800_000_000),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 60_192_808, 11_510_000_000),
 }
 
 # name: (n blocks per stage, reference params, reference MACs at 32 px)
