@@ -88,7 +88,7 @@ def _register_cifar(name: str, n: int, params: int, macs: int) -> None:
     card = ModelCard(
         name=name, family="resnet_cifar", paper=_PAPER, url=_URL,
         args={**_ARGS, "num_classes": Arg(int, 10, min=1, doc="number of output classes")},
-        references=(Reference({}, "He et al. 2016, Table 6 (CIFAR-10)", params=params,
+        references=(Reference({}, "He et al. 2016, Table 6 params; MACs as listed by chenyaofo/pytorch-cifar-models", params=params,
                               params_tol=10_000, macs=macs, macs_rtol=0.02, label=name),),
         default_resolution=32, min_resolution=8,
         description=f"CIFAR ResNet-{6 * n + 2}: 3 stages of {n} basic blocks, 16/32/64 channels.",
