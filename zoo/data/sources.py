@@ -1,0 +1,221 @@
+"""Array datasets of the zoo: scikit-learn digits (embedded), MNIST from IDX files (LeCun et al. 1998),
+and CIFAR-10/100 (Krizhevsky 2009) read through torchvision.
+
+Each reader returns an `ArraySource`: uint8 images (N, C, H, W) with labels for train and val.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zoo.errors import ZooError
+from zoo.data.common import stratified_split
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ArraySource:
+    """Images and labels of one dataset, already split into train and val."""
+
+    train_x: torch.Tensor  # (N, C, H, W) uint8
+    train_y: np.ndarray
+    val_x: torch.Tensor
+    val_y: np.ndarray
+    scale: float  # multiply by this to get [0, 1]
+    class_names: list[str]
+    split: str
+    root: str | None = None
+
+
+def data_root() -> Path:
+    """Base folder of the datasets: $ZOO_DATA, else <repo>/../shared/data."""
+    env = os.environ.get("ZOO_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def _split_arrays(x: torch.Tensor, y: np.ndarray, val_fraction: float, names: list[str]) -> tuple:
+    tr, va = stratified_split(y, val_fraction, names)
+    return x[torch.from_numpy(tr)], y[tr], x[torch.from_numpy(va)], y[va]
+
+
+def load_digits_source(val_fraction: float) -> ArraySource:
+    """scikit-learn's 1,797 8x8 digits (values 0..16), fixed stratified split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # (1797, 1, 8, 8), exact integers 0..16
+    y = d.target.astype(np.int64)
+    names = [str(i) for i in range(10)]
+    trx, tr_y, vax, va_y = _split_arrays(x, y, val_fraction, names)
+    split = f"stratified {1 - val_fraction:.0%}/{val_fraction:.0%} of the 1,797 images (fixed, seed-independent)"
+    return ArraySource(trx, tr_y, vax, va_y, 1 / 16, names, split)
+
+
+# ---------------------------------------------------------------------------------------------- MNIST
+
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+IDX_IMAGES, IDX_LABELS = 2051, 2049  # magic numbers of idx3 (uint8 images) and idx1 (uint8 labels)
+
+
+def mnist_root(root: str | os.PathLike | None) -> Path:
+    """The MNIST folder: `root`, else $ZOO_MNIST, else <data root>/mnist."""
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("ZOO_MNIST")
+    return Path(env) if env else data_root() / "mnist"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, OSError, zlib.error) as e:
+        raise ZooError(f"cannot read MNIST file {path}: {e}; the file is truncated or corrupt, "
+                       f"download it again from {MNIST_URL}") from None
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read an IDX file (gzip or raw), checking its magic number and exact size."""
+    data = _read_bytes(path)
+    ndim = 3 if magic == IDX_IMAGES else 1
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ZooError(f"MNIST file {path} is truncated: {len(data)} bytes, shorter than its header")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise ZooError(f"MNIST file {path} has magic number {found}, expected {magic} "
+                       f"({'idx3 images' if magic == IDX_IMAGES else 'idx1 labels'}); wrong or corrupt file")
+    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise ZooError(f"MNIST file {path} has {len(data)} bytes but its header {dims} needs {expected}; "
+                       "the file is truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _read_pair(folder: Path, prefix: str) -> tuple[torch.Tensor, np.ndarray]:
+    ip, lp = _find(folder, f"{prefix}-images-idx3-ubyte"), _find(folder, f"{prefix}-labels-idx1-ubyte")
+    wanted = ((f"{prefix}-images-idx3-ubyte.gz", ip), (f"{prefix}-labels-idx1-ubyte.gz", lp))
+    missing = [s for s, p in wanted if p is None]
+    if missing:
+        raise ZooError(f"MNIST file(s) {', '.join(missing)} missing in {folder}")
+    images, labels = read_idx(ip, IDX_IMAGES), read_idx(lp, IDX_LABELS)
+    if len(images) != len(labels):
+        raise ZooError(f"MNIST files disagree: {ip} has {len(images)} images, {lp} has {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise ZooError(f"MNIST labels in {lp} go up to {labels.max()}; expected 0..9")
+    return torch.from_numpy(images.copy()).unsqueeze(1), labels.astype(np.int64)
+
+
+def load_mnist_source(root: str | os.PathLike | None, val_fraction: float) -> ArraySource:
+    """MNIST: train-*/t10k-* if both exist, else a fixed stratified split of the t10k-* test files."""
+    folder = mnist_root(root)
+    names = [str(i) for i in range(10)]
+    how = (f"download t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (and optionally the train-* "
+           f"files) from {MNIST_URL} into it, or point root= / $ZOO_MNIST at a folder holding them")
+    if not folder.is_dir():
+        raise ZooError(f"MNIST folder {folder} does not exist; {how}")
+    if _find(folder, "t10k-images-idx3-ubyte") is None and _find(folder, "t10k-labels-idx1-ubyte") is None:
+        raise ZooError(f"no MNIST files in {folder}; {how}")
+    vx, vy = _read_pair(folder, "t10k")
+    has_train = [_find(folder, f"train-{k}") for k in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    if any(has_train):
+        tx, ty = _read_pair(folder, "train")
+        return ArraySource(tx, ty, vx, vy, 1 / 255, names, "official train / test splits", str(folder))
+    trx, tr_y, vax, va_y = _split_arrays(vx, vy, val_fraction, names)
+    split = (f"stratified {len(tr_y)}/{len(va_y)} split of the {len(vy)}-image MNIST test set "
+             "(fixed, seed-independent)")
+    return ArraySource(trx, tr_y, vax, va_y, 1 / 255, names, split, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR
+
+def _tv_classes():
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    class _C10(CIFAR10):
+        # Files are checked for presence only (their content is validated after loading), so data
+        # rebuilt or subsetted by the user still loads; downloads keep torchvision's archive MD5 check.
+        train_list = [[f, None] for f, _ in CIFAR10.train_list]
+        test_list = [[f, None] for f, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": None}
+
+    class _C100(CIFAR100):
+        train_list = [[f, None] for f, _ in CIFAR100.train_list]
+        test_list = [[f, None] for f, _ in CIFAR100.test_list]
+        meta = {**CIFAR100.meta, "md5": None}
+
+    return {"cifar10": _C10, "cifar100": _C100}
+
+
+def cifar_root(name: str, root: str | os.PathLike | None) -> Path:
+    """torchvision root for CIFAR (the folder holding cifar-10-batches-py / cifar-100-python)."""
+    env = os.environ.get("ZOO_" + name.upper())
+    folder = Path(root) if root is not None else Path(env) if env else data_root() / name
+    if folder.name in ("cifar-10-batches-py", "cifar-100-python"):  # the batches folder itself
+        folder = folder.parent
+    return folder
+
+
+def download_cifar(cls, root: Path) -> None:
+    """Fetch and extract the CIFAR archive into `root` (torchvision's downloader, MD5-checked)."""
+    cls(str(root), train=True, download=True)
+
+
+def load_cifar_source(name: str, root: str | os.PathLike | None, download: bool) -> ArraySource:
+    """CIFAR-10/100 train (50,000) and test (10,000, used as val); downloaded only if absent."""
+    cls = _tv_classes()[name]
+    folder = cifar_root(name, root)
+    sub = folder / cls.base_folder
+    files = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+    missing = [f for f in files if not (sub / f).is_file()]
+    how = (f"download {cls.url}, extract it into {folder} (giving {sub}/{files[0]}), or pass root= / set "
+           f"$ZOO_{name.upper()} to a folder that holds {cls.base_folder}")
+    if missing and len(missing) < len(files):
+        raise ZooError(f"{name}: incomplete data in {sub}: missing {', '.join(missing)}; {how}")
+    if missing:
+        if not download:
+            raise ZooError(f"{name}: no data in {folder} and download=False; {how}")
+        try:
+            download_cifar(cls, folder)
+        except Exception as e:  # no network, proxy, disk full: all end the same way for the user
+            raise ZooError(f"{name}: no data in {folder} and the download failed ({type(e).__name__}: {e}); "
+                           f"{how}") from None
+    out = []
+    try:
+        for train in (True, False):
+            ds = cls(str(folder), train=train, download=False)
+            out.append((np.asarray(ds.data), np.asarray(ds.targets, dtype=np.int64)))
+        classes = list(ds.classes)
+    except Exception as e:  # unpickling errors, missing keys, bad reshape: a corrupt or foreign file
+        raise ZooError(f"{name}: cannot read the data in {sub} ({type(e).__name__}: {e}); the files are "
+                       f"corrupt or not in the CIFAR python format; {how}") from None
+    want = 10 if name == "cifar10" else 100
+    if len(classes) != want:
+        raise ZooError(f"{name}: {sub}/{cls.meta['filename']} lists {len(classes)} classes, expected {want}")
+    for (x, y), part in zip(out, ("train", "test")):
+        if x.dtype != np.uint8 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
+            raise ZooError(f"{name}: {part} data in {sub} has shape {x.shape} ({x.dtype}) for {len(y)} labels; "
+                           "expected (N, 32, 32, 3) uint8")
+        if len(y) and (y.min() < 0 or y.max() >= want):
+            raise ZooError(f"{name}: {part} labels in {sub} span {y.min()}..{y.max()}; expected 0..{want - 1}")
+    (tx, ty), (vx, vy) = out
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    return ArraySource(to_t(tx), ty, to_t(vx), vy, 1 / 255, classes, "official train / test splits", str(folder))
