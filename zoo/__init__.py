@@ -3,8 +3,9 @@ distill, prune, quantize and factorize them, and profilers whose counts match th
 
 from zoo._registry import ModelCard, create, list_models, model_args, model_card, register_model
 from zoo.errors import ZooError
+from zoo.weights import list_weights
 from zoo.profile import Profile, profile  # note: `zoo.profile` is the function; the module is zoo.profile in sys.modules
 
-__all__ = ["ModelCard", "Profile", "ZooError", "create", "list_models", "model_args", "model_card", "profile",
-           "register_model"]
+__all__ = ["ModelCard", "Profile", "ZooError", "create", "list_models", "list_weights", "model_args", "model_card",
+           "profile", "register_model"]
 __version__ = "0.1.0"

@@ -216,8 +216,14 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def create(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model by name, validating every kwarg first."""
+def create(name: str, weights: Any = None, reinit_head: bool = False, **kwargs: Any) -> nn.Module:
+    """Build a registered model by name, validating every kwarg first; `weights` is a tag or a .safetensors path."""
+    if weights is not None or reinit_head is not False:
+        if weights is None:
+            raise ZooError(f"{name}: reinit_head={reinit_head!r} needs weights= (a tag or a .safetensors path)")
+        from zoo.weights.loading import create_pretrained  # loads, checks hash/shapes (zoo/weights/)
+
+        return create_pretrained(name, weights, reinit_head=reinit_head, **kwargs)
     entry = _entry(name)
     resolved = resolve_kwargs(name, **kwargs)
     model = entry.fn(**resolved)

@@ -20,13 +20,14 @@ CFG: tuple[tuple[int, int], ...] = (
 class MobileNetV1(ZooModel):
     """MobileNet v1 with a width multiplier applied to every layer, stem and last layer included."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
+                 act: str = "relu"):
         super().__init__(in_chans, min_input_size=32)
         ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
-        self.stem = ConvNormAct(in_chans, ch(32), 3, 2)  # (N, 32a, H/2, W/2)
+        self.stem = ConvNormAct(in_chans, ch(32), 3, 2, act=act)  # (N, 32a, H/2, W/2)
         blocks, prev = [], ch(32)
         for c, s in CFG:
-            blocks.append(DepthwiseSeparable(prev, ch(c), s))
+            blocks.append(DepthwiseSeparable(prev, ch(c), s, act=act))
             prev = ch(c)
         self.blocks = nn.Sequential(*blocks)  # (N, 1024a, H/32, W/32)
         self.num_features = prev
@@ -51,6 +52,7 @@ CARD = ModelCard(
         "width": Arg(float, 1.0, min=0.0, max=4.0, min_exclusive=True, doc="width multiplier alpha"),
         "resolution": Arg(int, 224, min=32, max=1024, doc="default input side (resolution multiplier)"),
         "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
+        "act": Arg(str, "relu", choices=("relu", "relu6"), doc="activation: the paper's ReLU, or timm's ReLU6"),
     },
     references=(
         Reference({"width": 1.0}, _T6, params=4_200_000, params_tol=50_000, macs=569_000_000, label="1.0 MobileNet-224"),
@@ -67,6 +69,6 @@ CARD = ModelCard(
 
 @register_model(CARD)
 def mobilenet_v1(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0) -> MobileNetV1:
+                 drop_rate: float = 0.0, act: str = "relu") -> MobileNetV1:
     """MobileNet v1 (Howard et al. 2017); `resolution` sets the default input size."""
-    return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, act=act)

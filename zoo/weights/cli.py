@@ -1,0 +1,96 @@
+"""`zoo weights add|list|verify` subcommands and the weights lines of `zoo info NAME`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from zoo.errors import ZooError
+from zoo.weights.index import WeightsEntry, list_weights, register_checkpoint, verify_index, weights_for
+
+
+def _metric(item: str) -> tuple[str, float]:
+    key, sep, val = item.partition("=")
+    try:
+        if not sep or not key.strip():
+            raise ValueError
+        return key.strip(), float(val)
+    except ValueError:
+        raise ZooError(f"--metric {item!r} is not allowed; expected name=number, e.g. --metric top1=0.981") from None
+
+
+def _fmt_metrics(e: WeightsEntry) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in e.metrics.items())
+
+
+def _row(e: WeightsEntry) -> str:
+    comp = f"  compression={json.dumps(e.compression)}" if e.compression else ""
+    return (f"{e.describe()}  dataset={e.dataset}  {_fmt_metrics(e)}  {e.size_bytes / 1e3:.0f} kB  "
+            f"recipe={e.recipe}{comp}")
+
+
+def _cmd_add(args: argparse.Namespace) -> int:
+    compression: Any = None
+    if args.compression is not None:
+        try:
+            compression = json.loads(args.compression)
+        except json.JSONDecodeError as e:
+            raise ZooError(f"--compression {args.compression!r} is not JSON: {e}") from None
+    metrics = dict(_metric(m) for m in args.metric)
+    e = register_checkpoint(args.path, args.tag, args.dataset, metrics, args.recipe, compression,
+                            weights_dir=args.weights_dir, replace=args.replace)
+    print(f"added {_row(e)}  sha256={e.sha256}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    entries = list_weights(args.pattern, weights_dir=args.weights_dir)
+    if not entries:
+        print(f"no weights match {args.pattern!r}")
+    for e in entries:
+        print(_row(e))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify_index(args.weights_dir)
+    for p in problems:
+        print(p)
+    if not problems:
+        print("all indexed weights files match their sha256")
+    return 1 if problems else 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add `zoo weights {add,list,verify}` to the zoo CLI."""
+    p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints",
+                       description="Manage weights/index.json (folder: --weights-dir, else $ZOO_WEIGHTS_DIR, "
+                                   "else <repo>/weights).")
+    ws = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True, parser_class=type(p))
+    a = ws.add_parser("add", help="copy a checkpoint into the weights folder and index it")
+    a.add_argument("path", help="a .safetensors file written by zoo.weights.save_checkpoint")
+    a.add_argument("--tag", required=True, help="weights tag, e.g. digits")
+    a.add_argument("--dataset", required=True, help="dataset the weights were trained on")
+    a.add_argument("--metric", action="append", default=[], required=True, metavar="NAME=VALUE",
+                   help="a measured metric (repeatable), e.g. --metric top1=0.981")
+    a.add_argument("--recipe", required=True, help="the recipe that produced the checkpoint")
+    a.add_argument("--compression", default=None, help="JSON description of the compression applied")
+    a.add_argument("--replace", action="store_true", help="update an existing entry")
+    a.set_defaults(func=_cmd_add)
+    lst = ws.add_parser("list", help="list indexed weights")
+    lst.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ARCH.TAG or TAG")
+    lst.set_defaults(func=_cmd_list)
+    v = ws.add_parser("verify", help="re-hash every indexed file (exit code 1 on a mismatch)")
+    v.set_defaults(func=_cmd_verify)
+    for q in (a, lst, v):
+        q.add_argument("--weights-dir", default=None,
+                       help="weights folder (default $ZOO_WEIGHTS_DIR or <repo>/weights)")
+
+
+def info_lines(name: str) -> list[str]:
+    """Lines for `zoo info NAME`: the indexed weights of that model with their metrics."""
+    entries = weights_for(name)
+    if not entries:
+        return ["weights:      none in the index"]
+    return ["weights:"] + [f"  {_row(e)}" for e in entries]

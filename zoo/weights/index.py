@@ -1,0 +1,213 @@
+"""The weights index: `weights/index.json` lists every committed checkpoint with its provenance.
+
+Each entry gives the tag, architecture and kwargs, dataset, metrics, compression, sha256, file and
+the recipe that produced it. The folder is `<repo>/weights` unless `ZOO_WEIGHTS_DIR` (or a
+`weights_dir` argument) points elsewhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import ZooError
+from zoo.weights.checkpoint import describe_spec, read_checkpoint, sha256_file
+
+INDEX_FILE = "index.json"
+INDEX_FORMAT = 1
+MAX_TOTAL_MB = 20.0  # all committed checkpoints together stay under this
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """One checkpoint listed in the index."""
+
+    tag: str
+    architecture: str
+    kwargs: dict[str, Any]
+    dataset: str
+    metrics: dict[str, float]
+    sha256: str
+    file: str  # relative to the weights folder
+    size_bytes: int
+    recipe: str
+    compression: Any = None  # what was applied: given at registration, else a summary of the header's steps
+    classes: list[str] | None = field(default=None, compare=False)
+
+    @property
+    def name(self) -> str:
+        """`architecture.tag`, the name `list_weights` matches against."""
+        return f"{self.architecture}.{self.tag}"
+
+    def describe(self) -> str:
+        """`architecture(kwargs).tag`."""
+        return f"{describe_spec(self.architecture, self.kwargs)}.{self.tag}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as stored in index.json."""
+        return asdict(self)
+
+
+def weights_root(path: str | os.PathLike | None = None) -> Path:
+    """The weights folder: `path`, else $ZOO_WEIGHTS_DIR, else `<repo>/weights`."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("ZOO_WEIGHTS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+def read_index(wdir: str | os.PathLike | None = None) -> list[WeightsEntry]:
+    """All entries of the index (empty if the folder or index.json does not exist)."""
+    p = weights_root(wdir) / INDEX_FILE
+    if not p.exists():
+        return []
+    try:
+        data = json.loads(p.read_text())
+        if data.get("format") != INDEX_FORMAT or not isinstance(data.get("weights"), list):
+            raise ValueError(f"expected {{'format': {INDEX_FORMAT}, 'weights': [...]}}")
+        return [WeightsEntry(**e) for e in data["weights"]]
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ZooError(f"weights index {str(p)!r} is malformed: {e}") from None
+
+
+def write_index(entries: list[WeightsEntry], wdir: str | os.PathLike | None = None) -> Path:
+    """Write the index atomically, entries sorted by architecture, tag and file."""
+    d = weights_root(wdir)
+    d.mkdir(parents=True, exist_ok=True)
+    entries = sorted(entries, key=lambda e: (e.architecture, e.tag, e.file))
+    text = json.dumps({"format": INDEX_FORMAT, "weights": [e.to_dict() for e in entries]}, indent=2) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, d / INDEX_FILE)
+    return d / INDEX_FILE
+
+
+def list_weights(pattern: str = "*", weights_dir: str | os.PathLike | None = None) -> list[WeightsEntry]:
+    """Index entries whose `architecture.tag` or tag matches an fnmatch pattern."""
+    return [e for e in read_index(weights_dir)
+            if fnmatch.fnmatch(e.name, pattern) or fnmatch.fnmatch(e.tag, pattern)]
+
+
+def weights_for(model_name: str, weights_dir: str | os.PathLike | None = None) -> list[WeightsEntry]:
+    """Index entries for one registered model (for `zoo info`)."""
+    return [e for e in read_index(weights_dir) if e.architecture == model_name]
+
+
+def find_entry(name: str, tag: str, kwargs: dict[str, Any],
+               wdir: str | os.PathLike | None = None) -> WeightsEntry:
+    """The entry for `name` with `tag` whose kwargs agree with the ones given, or a ZooError saying why not."""
+    entries = weights_for(name, wdir)
+    tagged = [e for e in entries if e.tag == tag]
+    if not tagged:
+        have = sorted({e.tag for e in entries})
+        hint = ("available tags: " + ", ".join(have)) if have else "the index has no weights for it"
+        raise ZooError(f"{name}: no weights tagged {tag!r} in {str(weights_root(wdir) / INDEX_FILE)!r}; {hint}")
+    fits = [e for e in tagged if all(e.kwargs.get(k) == v for k, v in kwargs.items() if k != "resolution")]
+    if len(fits) == 1:
+        return fits[0]
+    options = "; ".join(e.describe() for e in tagged)
+    given = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items())) or "no kwargs"
+    if not fits:
+        if "num_classes" in kwargs and any(e.kwargs.get("num_classes") != kwargs["num_classes"] for e in tagged):
+            others = {k: v for k, v in kwargs.items() if k != "num_classes"}
+            if [e for e in tagged if all(e.kwargs.get(k) == v for k, v in others.items() if k != "resolution")]:
+                n = tagged[0].kwargs.get("num_classes")
+                raise ZooError(f"{name}: num_classes={kwargs['num_classes']} differs from the {n} classes of the "
+                               f"{tag!r} weights; pass reinit_head=True to load them with a freshly initialised "
+                               f"head, or leave num_classes out to keep the checkpoint's classes")
+        raise ZooError(f"{name}: the {tag!r} weights do not exist for {given}; available: {options}")
+    raise ZooError(f"{name}: several {tag!r} weights fit {given}; pick one with its kwargs: {options}")
+
+
+def _metrics(metrics: Any) -> dict[str, float]:
+    if not isinstance(metrics, dict) or not metrics:
+        raise ZooError(f"metrics={metrics!r} is not allowed; expected a non-empty dict of name -> number")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ZooError(f"metrics entry {k!r}: {v!r} is not allowed; expected a finite number")
+        out[k] = float(v)
+    return out
+
+
+def summarize_compression(spec: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The header's compression steps without their per-layer details, e.g. [{"kind": "int8", ...}]."""
+    steps = spec.get("compression")
+    if not steps:
+        return None
+    if not isinstance(steps, list):
+        return steps
+    return [{k: v for k, v in step.items() if isinstance(v, (str, int, float, bool)) or v is None}
+            if isinstance(step, dict) else step for step in steps]
+
+
+def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics: dict[str, float], recipe: str,
+                        compression: Any = None, *, weights_dir: str | os.PathLike | None = None,
+                        replace: bool = False, max_total_mb: float = MAX_TOTAL_MB) -> WeightsEntry:
+    """Copy a checkpoint into the weights folder, hash it and add (or with `replace`, update) its index entry."""
+    from zoo.weights.loading import build_from_checkpoint  # verifies the file really loads
+
+    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        raise ZooError(f"tag={tag!r} is not allowed; expected letters, digits, '_', '.' or '-'")
+    for label, val in (("dataset", dataset), ("recipe", recipe)):
+        if not isinstance(val, str) or not val.strip():
+            raise ZooError(f"{label}={val!r} is not allowed; expected a non-empty string")
+    metrics = _metrics(metrics)
+    ckpt = read_checkpoint(path)
+    if ckpt.spec is None:
+        raise ZooError(f"{str(ckpt.path)!r} has no zoo.spec header; save it with zoo.weights.save_checkpoint")
+    if compression is not None and not isinstance(compression, (dict, list, str)):
+        raise ZooError(f"compression={compression!r} is not allowed; expected a JSON-able dict, list or string")
+    model = build_from_checkpoint(ckpt)
+    d = weights_root(weights_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    dest = d / ckpt.path.name
+    digest = sha256_file(ckpt.path)
+    entries = read_index(d)
+    same = [e for e in entries if e.architecture == model.zoo_name and e.tag == tag and e.kwargs == model.zoo_kwargs]
+    if same and not replace:
+        raise ZooError(f"{same[0].describe()} is already in the index; pass replace=True (--replace) to update it")
+    others = [e for e in entries if e not in same]
+    if any(e.file == dest.name for e in others):
+        raise ZooError(f"{dest.name!r} is already used by another index entry; rename the file")
+    total = sum(e.size_bytes for e in others) + ckpt.path.stat().st_size
+    if total > max_total_mb * 1e6:
+        raise ZooError(f"adding {dest.name!r} would make the weights {total / 1e6:.1f} MB, over the "
+                       f"{max_total_mb:g} MB budget")
+    if dest.resolve() != ckpt.path.resolve():
+        if dest.exists() and sha256_file(dest) != digest and not replace:
+            raise ZooError(f"{str(dest)!r} exists with different contents; pass replace=True to overwrite it")
+        shutil.copyfile(ckpt.path, dest)
+    entry = WeightsEntry(
+        tag=tag, architecture=model.zoo_name, kwargs=dict(model.zoo_kwargs), dataset=dataset, metrics=metrics,
+        sha256=digest, file=dest.name, size_bytes=dest.stat().st_size, recipe=recipe,
+        compression=compression if compression is not None else summarize_compression(ckpt.spec),
+        classes=ckpt.metadata.get("classes"),
+    )
+    write_index(others + [entry], d)
+    return entry
+
+
+def verify_index(weights_dir: str | os.PathLike | None = None) -> list[str]:
+    """Problems found re-hashing every indexed file (an empty list means all files are intact)."""
+    d = weights_root(weights_dir)
+    problems = []
+    for e in read_index(d):
+        p = d / e.file
+        if not p.is_file():
+            problems.append(f"{e.describe()}: file {e.file!r} is missing")
+        elif sha256_file(p) != e.sha256:
+            problems.append(f"{e.describe()}: sha256 of {e.file!r} does not match the index")
+    return problems
