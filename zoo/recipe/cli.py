@@ -1,0 +1,85 @@
+"""The `zoo recipe` subcommands: `run`, `check` and `validate`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _threads(args: argparse.Namespace) -> None:
+    if args.threads is not None:
+        if args.threads < 1:
+            from zoo.errors import ZooError
+
+            raise ZooError(f"--threads {args.threads} is not allowed; expected an int >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from zoo.recipe.engine import run_recipe
+
+    _threads(args)
+    run_recipe(args.file, out=args.out, quick=args.quick, write_table=args.write_table)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from zoo.recipe.engine import check_recipe, committed_paths
+    from zoo.recipe.schema import load_recipe
+
+    recipe = load_recipe(args.file)
+    _threads(args)
+    diffs = check_recipe(recipe, out=args.out, quick=args.quick)
+    js, _ = committed_paths(recipe)
+    tol = ", ".join(f"{k} {v:g}" for k, v in recipe.tolerance.items()) or "exact"
+    if diffs:
+        print(f"\nzoo recipe check: FAILED, {len(diffs)} difference(s) from {js} (tolerance: {tol}):")
+        for d in diffs:
+            print(f"  - {d}")
+        return 1
+    print(f"\nzoo recipe check: OK, the re-run matches {js} within tolerance ({tol}; unlisted: exact)")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from zoo.recipe.schema import load_recipe
+
+    for f in args.files:
+        r = load_recipe(f)
+        print(f"{f}: ok ({r.name}: {len(r.stages)} stages, {len(r.seeds)} seed(s), {len(r.rows)} table rows)")
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Add `zoo recipe {run,check,validate}` to the zoo CLI."""
+    p = sub.add_parser("recipe", help="run, check or validate a recipe (YAML)",
+                       description="Recipes chain train / distill stages over seeds and report a table.")
+    rsub = p.add_subparsers(dest="recipe_command", metavar="ACTION", required=True, parser_class=type(p))
+
+    r = rsub.add_parser("run", help="run a recipe; completed stages are skipped",
+                        description="Run every stage of a recipe for each seed, then write results.json, "
+                                    "table.md and accuracy_vs_macs.png into --out and print the table.")
+    r.add_argument("file", help="recipe YAML file, e.g. recipes/digits_kd.yaml")
+    r.add_argument("--out", default=None, help="output folder (default runs/<recipe name>[-quick])")
+    r.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, a data subset, the first seed")
+    r.add_argument("--write-table", action="store_true",
+                   help="also write the committed table next to the recipe (<stem>.md, <stem>.results.json)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training (default: torch's choice; 1 is fastest on a busy machine)")
+    r.set_defaults(func=_cmd_run)
+
+    c = rsub.add_parser("check", help="re-run a recipe and compare with its committed table",
+                        description="Re-run the recipe (completed stages in --out are reused) and compare "
+                                    "with <stem>.results.json / <stem>.md next to it, within the recipe's "
+                                    "tolerance. Exit code 1 on a mismatch.")
+    c.add_argument("file", help="recipe YAML file")
+    c.add_argument("--out", default=None, help="output folder (default runs/<recipe name>-check[-quick])")
+    c.add_argument("--quick", action="store_true", help="compare quick runs (the committed table must be one)")
+    c.add_argument("--threads", type=int, default=None, help="torch threads for training")
+    c.set_defaults(func=_cmd_check)
+
+    v = rsub.add_parser("validate", help="validate recipe files without running them")
+    v.add_argument("files", nargs="+", help="recipe YAML files")
+    v.set_defaults(func=_cmd_validate)

@@ -1,0 +1,321 @@
+"""Recipe reports: results.json, the markdown table, the accuracy-vs-MACs plot, and the comparison
+used by `zoo recipe check` (committed table vs a re-run, within the recipe's tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS_VERSION = 1
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _signed(mean: float, std: float | None) -> str:
+    return f"{mean:+.2f}" if std is None else f"{mean:+.2f} ± {std:.2f}"
+
+
+# two-sided 5% critical values of Student's t for 1..10 degrees of freedom
+T_CRIT_5 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def _verdict(diffs: list[float]) -> str:
+    """Paired t-test of the per-seed differences at the 5% level (two-sided)."""
+    n = len(diffs)
+    m, s = _mean_std(diffs)
+    if s is None or n - 1 > len(T_CRIT_5):
+        return "no test"
+    if s == 0:
+        return "identical on every seed" if m == 0 else "same difference on every seed"
+    t = m / (s / math.sqrt(n))
+    crit = T_CRIT_5[n - 2]
+    if abs(t) < crit:
+        return f"paired t = {t:.2f}, |t| < {crit:.2f}: no significant difference at the 5% level"
+    return f"paired t = {t:.2f}: KD {'better' if t > 0 else 'worse'} at the 5% level"
+
+
+def _errors(top1: float, num_val: int) -> int:
+    return int(round(num_val * (100.0 - top1) / 100.0))
+
+
+def _row_errors(r: dict) -> tuple[float | None, float | None]:
+    errs = [_errors(t, r["num_val"]) for t in r["top1_seeds"]] if r.get("num_val") else []
+    return _mean_std(errs) if errs else (None, None)
+
+
+def _ref(key: str) -> Callable[[dict], str]:
+    def f(r: dict) -> str:
+        v = (r.get("reference") or {}).get(key)
+        return "absent" if v is None and r.get("reference") else ("-" if v is None else f"{v:g}")
+    return f
+
+
+def _errors_cell(r: dict) -> str:
+    m, s = _row_errors(r)
+    return "-" if m is None else f"{_pm(m, s, 1 if s is not None else 0)} / {r['num_val']:,}"
+
+
+def _errors_10k_cell(r: dict) -> str:
+    m, s = _row_errors(r)
+    if m is None:
+        return "-"
+    k = 10_000 / r["num_val"]
+    return _pm(m * k, None if s is None else s * k, 0)
+
+
+# column name -> (header, cell formatter); `table.columns` in a recipe picks and orders them
+COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "model": ("model", lambda r: r["label"]),
+    "stage": ("stage", lambda r: f"{r['stage']} ({r['type']})"),
+    "teacher": ("teacher", lambda r: r.get("teacher") or "-"),
+    "top1": ("top-1 (%)", lambda r: _pm(r["top1"], r.get("top1_std"))),
+    "top5": ("top-5 (%)", lambda r: _pm(r["top5"], r.get("top5_std"))),
+    "ref_top1": ("published top-1 (%)", _ref("top1")),
+    "errors": ("test errors", _errors_cell),
+    "errors_per_10k": ("errors per 10k", _errors_10k_cell),
+    "ref_errors_per_10k": ("paper errors per 10k", _ref("errors_per_10k")),
+    "params": ("params", lambda r: f"{r['params']:,}"),
+    "macs": ("MACs", lambda r: f"{r['macs'] / 1e6:,.2f} M"),
+    "size_kb": ("size (KB)", lambda r: "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:,.1f}"),
+    "latency_ms": ("CPU latency (ms)", lambda r: "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"),
+    "train_time_s": ("train time (s)", lambda r: _pm(r.get("time_s"), None, 1)),
+}
+TEXT_COLUMNS = ("model", "stage", "teacher")
+DEFAULT_COLUMNS = ("model", "stage", "teacher", "top1", "params", "macs", "size_kb", "latency_ms")
+
+
+def _profile_row(model: torch.nn.Module, input_size: tuple[int, ...], latency: dict[str, int]) -> dict[str, Any]:
+    from zoo.profile import profile
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(latency["threads"])
+    try:
+        p = profile(model, input_size=input_size, latency=True, batch_size=latency["batch_size"], flops=False)
+    finally:
+        torch.set_num_threads(prev)
+    return {"params": p.params, "macs": p.macs, "size_bytes": p.size_bytes, "latency_ms": p.latency_ms}
+
+
+def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int], wall_s: float) -> dict[str, Any]:
+    """Aggregate stage records over seeds, profile each table row's model and return results.json content."""
+    from zoo.recipe.engine import environment, load_checkpoint
+
+    recipe = run.recipe
+    rows: list[dict[str, Any]] = []
+    label_of = {r.stage: r.label for r in recipe.rows}
+    for row in recipe.rows:
+        spec = recipe.stages[row.stage]
+        recs = [records[row.stage][k] for k in sorted(records[row.stage])]
+        top1 = [r["metrics"]["top1"] for r in recs]
+        top5 = [r["metrics"]["top5"] for r in recs]
+        first = run.effective_seed(spec, seeds[0])
+        model = load_checkpoint(run.stage_dir(row.stage, first) / "model.safetensors")
+        prof = _profile_row(model, recipe.input_size, recipe.latency)
+        teacher = None
+        if spec.type == "distill":
+            t = run.recipe.raw["stages"][row.stage]["teacher"]
+            teacher = os.path.basename(t) if "teacher" in spec.files else label_of.get(t, t)
+        m1, s1 = _mean_std(top1)
+        m5, s5 = _mean_std(top5)
+        rows.append({
+            "stage": row.stage, "label": row.label, "type": spec.type, "model": spec.model,
+            "kwargs": {k: v for k, v in spec.kwargs.items()}, "from": spec.source, "teacher": teacher,
+            "seeds": [r["seed"] for r in recs], "top1": m1, "top1_std": s1, "top1_seeds": top1,
+            "top5": m5, "top5_std": s5, "num_val": recs[0].get("num_val"),
+            "hashes": [r["hash"] for r in recs], "time_s": statistics.fmean(r["time_s"] for r in recs),
+            "reference": row.reference or None, "options": run.options(spec), **prof,
+        })
+    info = run.info
+    stage_time = sum(r["time_s"] for per in records.values() for r in per.values())
+    return {
+        "version": RESULTS_VERSION, "recipe": recipe.name, "description": recipe.description,
+        "file": _display_path(recipe.path),
+        "quick": run.quick, "seeds": list(seeds), "columns": recipe.columns,
+        "dataset": {"name": info.name, "input_size": list(recipe.input_size), "num_train": info.num_train,
+                    "num_val": info.num_val, "num_classes": info.num_classes,
+                    "val_fraction": recipe.dataset["val_fraction"], "split": getattr(info, "split", "")},
+        "latency": {**recipe.latency, "repeats": "median of 20 after 3 warm-up"},
+        "tolerance": recipe.tolerance, "environment": {**environment(), "train_threads": _threads(records)},
+        "timing": {"stage_total_s": round(stage_time, 1), "this_run_wall_s": round(wall_s, 1)},
+        "rows": rows, "kd_effect": kd_effect(rows),
+    }
+
+
+def _threads(records: dict[str, dict[int, dict]]) -> int | list[int]:
+    """Torch threads the stages trained with (one number, or the sorted list when they differ)."""
+    import torch
+
+    used = sorted({r.get("threads", torch.get_num_threads()) for per in records.values() for r in per.values()})
+    return used[0] if len(used) == 1 else used
+
+
+def _display_path(p: Path) -> str:
+    rel = os.path.relpath(p)
+    return str(p) if rel.startswith("..") else rel
+
+
+def kd_effect(rows: list[dict]) -> list[dict[str, Any]]:
+    """For each distilled row with a from-scratch twin (same model and kwargs): top-1 difference,
+    paired over the seeds both have."""
+    out = []
+    for d in rows:
+        if d["type"] != "distill" or d["from"] is not None:
+            continue
+        twin = next((r for r in rows if r["type"] == "train" and r["from"] is None and r["model"] == d["model"]
+                     and r["kwargs"] == d["kwargs"]), None)
+        if twin is None:
+            continue
+        common = [s for s in d["seeds"] if s in twin["seeds"]]
+        diffs = [d["top1_seeds"][d["seeds"].index(s)] - twin["top1_seeds"][twin["seeds"].index(s)] for s in common]
+        if not diffs:
+            continue
+        m, s = _mean_std(diffs)
+        out.append({"distilled": d["stage"], "scratch": twin["stage"], "label": twin["label"], "seeds": common,
+                    "diff_mean": m, "diff_std": s, "diffs": diffs,
+                    "wins": sum(x > 0 for x in diffs), "ties": sum(x == 0 for x in diffs)})
+    return out
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    """The table (plus its provenance notes) as markdown; deterministic in results.json."""
+    cols = [c for c in res["columns"] if c in COLUMNS]
+    ds = res["dataset"]
+    n = len(res["seeds"])
+    lines = [f"# Recipe `{res['recipe']}`" + (" — QUICK RUN (smoke test, not a result)" if res["quick"] else ""), ""]
+    if res.get("description"):
+        lines += [res["description"].strip(), ""]
+    lines.append(f"Dataset `{ds['name']}`, input {'x'.join(map(str, ds['input_size']))}, {ds['num_train']:,} "
+                 f"training / {ds['num_val']:,} held-out images ({ds.get('split') or 'fixed split'}); top-1 of the "
+                 f"final model on the held-out images (one image is {100 / ds['num_val']:.2f} points)"
+                 + (f", mean ± std over {n} seeds ({', '.join(map(str, res['seeds']))})." if n > 1
+                    else f", seed {res['seeds'][0]}."))
+    lines.append("")
+    header = [COLUMNS[c][0] for c in cols]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in cols) + "|")
+    for r in res["rows"]:
+        lines.append("| " + " | ".join(COLUMNS[c][1](r) for c in cols) + " |")
+    lines.append("")
+    if res.get("kd_effect"):
+        lines.append("Effect of distillation (distilled minus from-scratch top-1, paired by seed):")
+        lines.append("")
+        for e in res["kd_effect"]:
+            per = ", ".join(f"{x:+.2f}" for x in e["diffs"])
+            lines.append(f"- {e['label']}: `{e['distilled']}` minus `{e['scratch']}`: "
+                         f"{_signed(e['diff_mean'], e['diff_std'])} points"
+                         + (f" (per seed {per}; KD better in {e['wins']} of {len(e['diffs'])}; {_verdict(e['diffs'])})"
+                            if len(e["diffs"]) > 1 else " (one seed: no noise estimate)"))
+        lines.append("")
+    refs = sorted({r["reference"]["source"] for r in res["rows"] if r.get("reference") and r["reference"].get("source")})
+    if refs:
+        lines.append("Published numbers: " + "; ".join(refs) + ".")
+        lines.append("")
+    env, lat, t = res["environment"], res["latency"], res["timing"]
+    q = " --quick" if res["quick"] else ""
+    thr = f" --threads {env['train_threads']}" if isinstance(env["train_threads"], int) else ""
+    lines.append(f"MACs: multiply-accumulates of conv and linear layers per image (zoo.profile). Size: safetensors "
+                 f"bytes. CPU latency: zoo.profile(latency=True), median of 20 forward passes at batch "
+                 f"{lat['batch_size']} with {lat['threads']} torch thread{'s' if lat['threads'] > 1 else ''} on "
+                 f"{env['cpu']} (torch {env['torch']}); latency is noisy on a shared machine.")
+    lines.append("")
+    th = env["train_threads"]
+    th_text = (f"{th} torch thread{'s' if th > 1 else ''}" if isinstance(th, int)
+               else "torch threads " + ", ".join(map(str, th)) + " (stages trained in different runs)")
+    lines.append(f"Training time, all stages and seeds: {t['stage_total_s']:.0f} s with {th_text}. Reproduce: "
+                 f"`zoo recipe run {res['file']}{q}{thr} --write-table`; verify: "
+                 f"`zoo recipe check {res['file']}{q}{thr}`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """accuracy_vs_macs.png: top-1 (with std error bars) against MACs on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    styles = {"train": ("o", "tab:blue"), "distill": ("^", "tab:orange")}
+    seen: set[str] = set()
+    for r in res["rows"]:
+        marker, color = styles.get(r["type"], ("s", "tab:green"))
+        name = {"train": "trained", "distill": "distilled"}.get(r["type"], r["type"])
+        ax.errorbar(r["macs"] / 1e6, r["top1"], yerr=r.get("top1_std") or 0, fmt=marker, color=color, capsize=3,
+                    label=None if r["type"] in seen else name)
+        seen.add(r["type"])
+        ax.annotate(r["label"], (r["macs"] / 1e6, r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("MACs per image (millions, log scale)")
+    ax.set_ylabel("top-1 on held-out images (%)")
+    title = f"{res['recipe']}: {res['dataset']['name']} {'x'.join(map(str, res['dataset']['input_size']))}"
+    ax.set_title(title + (" (quick run)" if res["quick"] else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(res: dict[str, Any], out: Path) -> None:
+    """results.json, table.md and accuracy_vs_macs.png into `out`."""
+    from zoo.recipe.engine import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", res)
+    (out / "table.md").write_text(render_markdown(res))
+    plot(res, out / "accuracy_vs_macs.png")
+
+
+def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
+    """Lines describing every difference beyond tolerance (empty list: the check passes)."""
+    tol = {"top1": 0.0, "params": 0.0, "macs": 0.0, "size_kb": 0.0, **tolerance}
+    diffs: list[str] = []
+    if committed.get("seeds") != new.get("seeds"):
+        diffs.append(f"seeds: committed {committed.get('seeds')} vs re-run {new.get('seeds')}")
+    old_rows = {r["stage"]: r for r in committed.get("rows", [])}
+    new_rows = {r["stage"]: r for r in new["rows"]}
+    for s in old_rows.keys() - new_rows.keys():
+        diffs.append(f"row {s}: in the committed table but not in the recipe")
+    for s in new_rows.keys() - old_rows.keys():
+        diffs.append(f"row {s}: in the recipe but not in the committed table")
+    for s in [r["stage"] for r in new["rows"] if r["stage"] in old_rows]:
+        o, n = old_rows[s], new_rows[s]
+        if o.get("hashes") != n.get("hashes"):
+            diffs.append(f"row {s}: stage config differs from the one that produced the committed table "
+                         f"(hashes {o.get('hashes')} vs {n.get('hashes')})")
+        checks = [("top1", o.get("top1"), n["top1"], "points"), ("params", o.get("params"), n["params"], ""),
+                  ("macs", o.get("macs"), n["macs"], ""),
+                  ("size_kb", None if o.get("size_bytes") is None else o["size_bytes"] / 1024,
+                   None if n.get("size_bytes") is None else n["size_bytes"] / 1024, "KB")]
+        for key, a, b, unit in checks:
+            if a is None or b is None:
+                if a != b:
+                    diffs.append(f"row {s}: {key} committed {a} vs re-run {b}")
+                continue
+            if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > tol[key] + 1e-9:
+                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb") else (lambda v: f"{int(v):,}")
+                diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
+                             f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {tol[key]:g})")
+    return diffs
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Read a results.json."""
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,558 @@
+"""Recipe files: YAML schema, validation before anything runs, and stage ordering (a DAG).
+
+A recipe names a dataset, one seed or a list of seeds, and named stages (`train`, `distill`, and
+further types registered with `register_stage_type`). Stages refer to each other through `from:`
+(take the model of another stage) and through type-specific reference keys (`teacher:`). Every
+error names the file, the key path (e.g. `stages.kd_w05.teacher`) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from zoo._registry import model_args, model_card
+from zoo.errors import ZooError
+
+DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
+STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+class RecipeError(ZooError):
+    """A recipe file that does not validate: message is `<file>: <key path>: <problem>`."""
+
+
+class Checker:
+    """Raises RecipeError prefixed with the recipe file and a key path; small typed getters."""
+
+    def __init__(self, file: str):
+        self.file = file
+
+    def fail(self, path: str, msg: str) -> RecipeError:
+        """Build (for `raise`) the error for key `path`."""
+        return RecipeError(f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}")
+
+    def mapping(self, value: Any, path: str, allowed: dict[str, str] | None = None,
+                required: tuple[str, ...] = ()) -> dict:
+        """Check `value` is a mapping with string keys among `allowed` and all `required` keys."""
+        if not isinstance(value, dict):
+            raise self.fail(path, f"expected a mapping, got {_tname(value)} {_short(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise self.fail(path, f"keys must be strings, got {k!r}")
+            if allowed is not None and k not in allowed:
+                raise self.fail(_join(path, k), "unknown key; allowed: " + ", ".join(allowed))
+        for k in required:
+            if k not in value:
+                raise self.fail(_join(path, k), f"missing required key ({allowed.get(k, '') if allowed else ''})")
+        return value
+
+    def typed(self, value: Any, path: str, kind: str) -> Any:
+        """Check one scalar/list value against kind: str, int, float, bool, number, int_list."""
+        ok = {
+            "str": isinstance(value, str),
+            "bool": isinstance(value, bool),
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(float(value)),
+            "int_list": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                         for v in value),
+            "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        }[kind]
+        if not ok:
+            want = {"int_list": "a list of ints", "str_list": "a list of strings", "float": "a number"}.get(kind, kind)
+            hint = ""
+            if kind == "float" and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
+                hint = f" (YAML reads {value} as a string; write it with a dot and a signed exponent, e.g. 1.0e-4)"
+            raise self.fail(path, f"expected {want}, got {_tname(value)} {_short(value)}{hint}")
+        return float(value) if kind == "float" else value
+
+
+def _tname(v: Any) -> str:
+    return {dict: "mapping", list: "list", str: "string", bool: "bool", int: "int", float: "float",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --------------------------------------------------------------------------- stage-type registry
+
+
+@dataclass(frozen=True)
+class StageType:
+    """A stage type: its own allowed keys (name -> description), checks, references and runner.
+
+    `validate(chk, path, stage_dict, recipe_defaults)` normalises the type-specific keys and returns
+    them as a dict (raise via `chk.fail(key_path, message)`); `ref_keys` name the keys whose value is
+    another stage (or, for keys also in `file_refs`, a .safetensors file); `runner(ctx)` trains or
+    transforms the model (ctx: zoo.recipe.engine.StageContext) and returns `(model, metrics)` with at
+    least metrics["top1"], ["top5"] and ["loss"]. `needs_model=False` types (e.g. a future `prune`,
+    `quantize` or `lowrank`) take their input model only through `from`.
+    """
+
+    name: str
+    keys: dict[str, str]
+    validate: Callable[[Checker, str, dict, dict], dict]
+    runner: Callable[[Any], tuple[Any, dict]]
+    ref_keys: tuple[str, ...] = ()
+    file_refs: tuple[str, ...] = ()
+    needs_model: bool = True
+    doc: str = ""
+
+
+STAGE_TYPES: dict[str, StageType] = {}
+# sections allowed under `defaults:` (e.g. train, kd) -> partial checker(chk, path, mapping)
+DEFAULT_SECTIONS: dict[str, Callable[[Checker, str, dict], dict]] = {}
+
+COMMON_STAGE_KEYS: dict[str, str] = {
+    "type": "stage type (" + "registered types" + ")",
+    "model": "registered model name (or use `from`)",
+    "kwargs": "model keyword arguments (validated through the registry)",
+    "from": "name of an earlier stage whose trained model this stage starts from",
+    "seed": "fixed seed for this stage (shared by all recipe seeds, e.g. one teacher)",
+    "description": "free text",
+}
+
+
+def register_stage_type(st: StageType) -> StageType:
+    """Add a stage type to the registry; a duplicate name is an error."""
+    if st.name in STAGE_TYPES:
+        raise ZooError(f"a recipe stage type named {st.name!r} is already registered")
+    overlap = set(st.keys) & set(COMMON_STAGE_KEYS)
+    if overlap:
+        raise ZooError(f"stage type {st.name!r} redefines common keys {sorted(overlap)}")
+    STAGE_TYPES[st.name] = st
+    return st
+
+
+def _ensure_builtin_stages() -> None:
+    import zoo.recipe.stages  # noqa: F401  (registers train and distill)
+
+
+# --------------------------------------------------------------------------- recipe data
+
+
+@dataclass
+class StageSpec:
+    """One validated stage: its type, model (own or inherited via `from`), options and dependencies."""
+
+    name: str
+    type: str
+    model: str  # registry name (inherited through `from`)
+    kwargs: dict[str, Any]  # kwargs as written (inherited through `from`), before dataset fill-in
+    source: str | None  # `from` stage
+    seed: int | None  # fixed seed or None (follow the recipe's seeds)
+    options: dict[str, Any]  # type-specific validated keys (train config, kd config, teacher, ...)
+    deps: tuple[str, ...]  # stages this one needs (from + references), in key order
+    files: dict[str, Path] = field(default_factory=dict)  # reference keys that point to files
+
+
+@dataclass
+class RowSpec:
+    """One row of the report table: a stage, its label and an optional published reference."""
+
+    stage: str
+    label: str
+    reference: dict[str, Any]
+
+
+@dataclass
+class Recipe:
+    """A validated recipe; `stages` are in dependency (topological) order."""
+
+    path: Path
+    name: str
+    description: str
+    dataset: dict[str, Any]
+    seeds: list[int]
+    stages: dict[str, StageSpec]
+    rows: list[RowSpec]
+    columns: list[str]
+    tolerance: dict[str, float]
+    latency: dict[str, int]
+    quick: dict[str, Any]
+    raw: dict[str, Any]
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) fed to every model."""
+        return tuple(self.dataset["input_size"])  # type: ignore[return-value]
+
+
+TOP_KEYS = {
+    "name": "recipe name (default: file stem); the default output folder is runs/<name>",
+    "description": "free text",
+    "dataset": "mapping: name, input_size, root, val_fraction, num_workers",
+    "seed": "one int seed (or use `seeds`)",
+    "seeds": "list of int seeds; top-1 is reported as mean ± std over them",
+    "defaults": "mapping of per-type defaults, e.g. {train: {...}, kd: {...}}",
+    "stages": "mapping of stage name -> stage",
+    "table": "mapping: rows (list of stage names or {stage, label, reference}), columns (list)",
+    "tolerance": "mapping for `zoo recipe check`: top1 (points), params, macs, size_kb",
+    "latency": "mapping: threads (torch threads for the latency column), batch_size",
+    "quick": "mapping for --quick: seeds (list), train (overrides, default {epochs: 1})",
+}
+DATASET_KEYS = {
+    "name": "one of " + ", ".join(DATASETS),
+    "input_size": "[C, H, W] fed to the models",
+    "root": "data folder (relative paths are relative to the recipe file)",
+    "val_fraction": "held-out fraction in (0, 1)",
+    "num_workers": "DataLoader workers",
+}
+ROW_KEYS = {"stage": "stage name", "label": "row label (default: model and kwargs)",
+            "reference": "published numbers: {top1, errors_per_10k, source}; null values mean absent"}
+REFERENCE_KEYS = {"top1": "published top-1 (%) or null", "errors_per_10k": "published test errors per 10,000",
+                  "source": "citation for the numbers"}
+TOLERANCE_KEYS = {"top1": "max |diff| of top-1 in points", "params": "max |diff| of parameter counts",
+                  "macs": "max |diff| of MACs", "size_kb": "max |diff| of serialized size in KB"}
+LATENCY_KEYS = {"threads": "torch threads while timing (int >= 1)", "batch_size": "batch size (int >= 1)"}
+QUICK_KEYS = {"seeds": "seeds used with --quick (default: the first seed)",
+              "train": "train-config overrides used with --quick (default {epochs: 1})"}
+
+
+def load_yaml(path: Path) -> Any:
+    """yaml.safe_load of a file, rejecting duplicate keys (never executes anything)."""
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    def _mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and fully validate a recipe file (no training, no data loading)."""
+    _ensure_builtin_stages()
+    path = Path(path)
+    return validate_recipe(load_yaml(path), path)
+
+
+def validate_recipe(raw: Any, path: Path) -> Recipe:
+    """Validate a parsed recipe mapping; `path` is used in messages and for relative paths."""
+    _ensure_builtin_stages()
+    chk = Checker(str(path))
+    if raw is None:
+        raise chk.fail("", "the recipe is empty")
+    chk.mapping(raw, "", TOP_KEYS, required=("dataset", "stages"))
+    name = chk.typed(raw.get("name", path.stem.split(".")[0]), "name", "str")
+    if not STAGE_NAME.match(name):
+        raise chk.fail("name", f"{name!r} is not allowed; use letters, digits, '_' and '-'")
+    description = chk.typed(raw.get("description", ""), "description", "str")
+    dataset = _dataset(chk, raw["dataset"], path)
+    seeds = _seeds(chk, raw)
+    defaults = chk.mapping(raw.get("defaults", {}) or {}, "defaults")
+    stages_raw = chk.mapping(raw["stages"], "stages")
+    if not stages_raw:
+        raise chk.fail("stages", "at least one stage is required")
+    for k, v in defaults.items():
+        if k not in DEFAULT_SECTIONS:
+            raise chk.fail(f"defaults.{k}", "unknown key; allowed: " + ", ".join(DEFAULT_SECTIONS))
+        DEFAULT_SECTIONS[k](chk, f"defaults.{k}", v or {})
+    stages = _stages(chk, stages_raw, defaults, dataset, path)
+    rows, columns = _table(chk, raw.get("table"), stages)
+    tolerance = {k: chk.typed(v, f"tolerance.{k}", "float")
+                 for k, v in chk.mapping(raw.get("tolerance", {}) or {}, "tolerance", TOLERANCE_KEYS).items()}
+    for k, v in tolerance.items():
+        if v < 0:
+            raise chk.fail(f"tolerance.{k}", f"{v:g} is not allowed; expected a number >= 0")
+    latency = {"threads": 1, "batch_size": 1}
+    for k, v in chk.mapping(raw.get("latency", {}) or {}, "latency", LATENCY_KEYS).items():
+        latency[k] = _positive_int(chk, v, f"latency.{k}")
+    quick = _quick(chk, raw.get("quick", {}) or {}, seeds)
+    return Recipe(path=path, name=name, description=description, dataset=dataset, seeds=seeds,
+                  stages=stages, rows=rows, columns=columns, tolerance=tolerance, latency=latency,
+                  quick=quick, raw=raw)
+
+
+def _positive_int(chk: Checker, v: Any, path: str) -> int:
+    chk.typed(v, path, "int")
+    if v < 1:
+        raise chk.fail(path, f"{v} is not allowed; expected an int >= 1")
+    return v
+
+
+def _dataset(chk: Checker, d: Any, path: Path) -> dict[str, Any]:
+    chk.mapping(d, "dataset", DATASET_KEYS, required=("name", "input_size"))
+    name = chk.typed(d["name"], "dataset.name", "str")
+    if name not in DATASETS:
+        raise chk.fail("dataset.name", f"{name!r} is not supported; allowed: " + ", ".join(DATASETS))
+    size = chk.typed(d["input_size"], "dataset.input_size", "int_list")
+    if len(size) != 3 or min(size) < 1:
+        raise chk.fail("dataset.input_size", f"{size!r} is not allowed; expected [C, H, W] of positive ints")
+    if size[0] not in (1, 3):
+        raise chk.fail("dataset.input_size", f"{size!r} has {size[0]} channels; the datasets deliver 1 or 3")
+    out: dict[str, Any] = {"name": name, "input_size": list(size), "root": None, "val_fraction": 0.2,
+                           "num_workers": 0}
+    if d.get("root") is not None:
+        root = Path(chk.typed(d["root"], "dataset.root", "str")).expanduser()
+        out["root"] = str(root if root.is_absolute() else (path.parent / root))
+    if "val_fraction" in d:
+        vf = chk.typed(d["val_fraction"], "dataset.val_fraction", "float")
+        if not 0 < vf < 1:
+            raise chk.fail("dataset.val_fraction", f"{vf:g} is not allowed; expected a number in (0, 1)")
+        out["val_fraction"] = vf
+    if "num_workers" in d:
+        nw = chk.typed(d["num_workers"], "dataset.num_workers", "int")
+        if nw < 0:
+            raise chk.fail("dataset.num_workers", f"{nw} is not allowed; expected an int >= 0")
+        out["num_workers"] = nw
+    return out
+
+
+def _seed_value(chk: Checker, v: Any, path: str) -> int:
+    chk.typed(v, path, "int")
+    if v < 0:
+        raise chk.fail(path, f"{v} is not allowed; expected an int >= 0")
+    return v
+
+
+def _seeds(chk: Checker, raw: dict) -> list[int]:
+    if "seed" in raw and "seeds" in raw:
+        raise chk.fail("seeds", "give either `seed` or `seeds`, not both")
+    if "seeds" in raw:
+        seeds = chk.typed(raw["seeds"], "seeds", "int_list")
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise chk.fail("seeds", f"{seeds!r} is not allowed; expected a non-empty list of distinct ints >= 0")
+        return list(seeds)
+    return [_seed_value(chk, raw.get("seed", 0), "seed")]
+
+
+def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path: Path) -> dict[str, StageSpec]:
+    parsed: dict[str, dict] = {}
+    for name, st in stages_raw.items():
+        p = f"stages.{name}"
+        if not STAGE_NAME.match(name):
+            raise chk.fail(p, f"stage name {name!r} is not allowed; use letters, digits, '_' and '-'")
+        chk.mapping(st, p)
+        if "type" not in st:
+            raise chk.fail(f"{p}.type", "missing required key; allowed: " + ", ".join(STAGE_TYPES))
+        typ = chk.typed(st["type"], f"{p}.type", "str")
+        if typ not in STAGE_TYPES:
+            raise chk.fail(f"{p}.type", f"{typ!r} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
+        stype = STAGE_TYPES[typ]
+        allowed = {**COMMON_STAGE_KEYS, **stype.keys}
+        chk.mapping(st, p, allowed)
+        if stype.needs_model and ("model" in st) == ("from" in st):
+            raise chk.fail(p, "give exactly one of `model` (a registered model) or `from` (an earlier stage)")
+        if not stype.needs_model and "model" in st:
+            raise chk.fail(f"{p}.model", f"a {typ} stage takes its model through `from`, not `model`")
+        if not stype.needs_model and "from" not in st:
+            raise chk.fail(f"{p}.from", f"missing required key: a {typ} stage transforms the model of an earlier "
+                                        "stage; name it with `from`")
+        if "kwargs" in st and "model" not in st:
+            raise chk.fail(f"{p}.kwargs", "`kwargs` goes with `model`; a `from` stage inherits its model")
+        if "seed" in st:
+            _seed_value(chk, st["seed"], f"{p}.seed")
+        if "description" in st:
+            chk.typed(st["description"], f"{p}.description", "str")
+        options = stype.validate(chk, p, st, defaults)
+        refs: list[str] = []
+        files: dict[str, Path] = {}
+        if "from" in st:
+            refs.append(_ref(chk, f"{p}.from", st["from"], stages_raw, name))
+        for key in stype.ref_keys:
+            if key not in st:
+                continue
+            v = chk.typed(st[key], f"{p}.{key}", "str")
+            if key in stype.file_refs and v not in stages_raw and v.endswith(".safetensors"):
+                f = Path(v).expanduser()
+                f = f if f.is_absolute() else path.parent / f
+                if not f.is_file():
+                    raise chk.fail(f"{p}.{key}", f"weights file {str(f)!r} does not exist")
+                files[key] = f
+            else:
+                refs.append(_ref(chk, f"{p}.{key}", v, stages_raw, name,
+                                 also=" or a .safetensors file" if key in stype.file_refs else ""))
+        parsed[name] = {"raw": st, "type": typ, "options": options, "deps": tuple(dict.fromkeys(refs)),
+                        "files": files}
+    order = _toposort(chk, parsed)
+    out: dict[str, StageSpec] = {}
+    for name in order:
+        info, st = parsed[name], parsed[name]["raw"]
+        p = f"stages.{name}"
+        if "from" in st:
+            up = out[st["from"]]
+            model, kwargs = up.model, dict(up.kwargs)
+        else:
+            model = chk.typed(st["model"], f"{p}.model", "str")
+            kwargs = dict(chk.mapping(st.get("kwargs", {}) or {}, f"{p}.kwargs"))
+            check_model_kwargs(chk, p, model, kwargs, dataset)
+        seed = st.get("seed")
+        if seed is not None:
+            for dep in info["deps"]:
+                if out[dep].seed is None:
+                    raise chk.fail(f"{p}.seed", f"a stage with a fixed seed cannot depend on stage {dep!r}, "
+                                                "which follows the recipe's seeds; give it a fixed seed too")
+        out[name] = StageSpec(name=name, type=info["type"], model=model, kwargs=kwargs, source=st.get("from"),
+                              seed=seed, options=info["options"], deps=info["deps"], files=info["files"])
+    return out
+
+
+def _ref(chk: Checker, path: str, value: Any, stages: dict, self_name: str, also: str = "") -> str:
+    chk.typed(value, path, "str")
+    if value == self_name:
+        raise chk.fail(path, f"a stage cannot refer to itself ({value!r})")
+    if value not in stages:
+        raise chk.fail(path, f"{value!r} is not a stage; allowed: " + ", ".join(s for s in stages if s != self_name)
+                       + also)
+    return value
+
+
+def _toposort(chk: Checker, parsed: dict[str, dict]) -> list[str]:
+    """Stages in dependency order (ties keep file order); a cycle fails naming its path."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+    def visit(n: str, trail: list[str]) -> None:
+        if state.get(n) == 2:
+            return
+        if state.get(n) == 1:
+            cyc = trail[trail.index(n):] + [n]
+            first = cyc[0]
+            key = next(k for k in ("from",) + STAGE_TYPES[parsed[first]["type"]].ref_keys
+                       if parsed[first]["raw"].get(k) == cyc[1])
+            raise chk.fail(f"stages.{first}.{key}", "stages form a cycle: " + " -> ".join(cyc)
+                           + "; references must point to stages that do not depend back on this one")
+        state[n] = 1
+        for d in parsed[n]["deps"]:
+            visit(d, trail + [n])
+        state[n] = 2
+        order.append(n)
+
+    for n in parsed:
+        visit(n, [])
+    return order
+
+
+def check_model_kwargs(chk: Checker, path: str, model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
+    """Validate model name and kwargs (through the registry) against the dataset; return full kwargs."""
+    try:
+        args = model_args(model)
+    except ZooError as e:
+        raise chk.fail(f"{path}.model", str(e)) from None
+    for k, v in kwargs.items():
+        if k not in args:
+            raise chk.fail(f"{path}.kwargs.{k}", f"{model} has no argument {k!r}; accepted: " + ", ".join(sorted(args)))
+        try:
+            args[k].validate(model, k, v)
+        except ZooError as e:
+            raise chk.fail(f"{path}.kwargs.{k}", str(e)) from None
+    full = fill_kwargs(model, kwargs, dataset)
+    c, h, w = dataset["input_size"]
+    for k in ("in_chans", "num_classes", "resolution"):
+        if k in kwargs and full[k] != kwargs[k]:
+            raise chk.fail(f"{path}.kwargs.{k}", f"{kwargs[k]!r} does not match the dataset ({k}={full[k]!r}); "
+                                                 "leave it out, the dataset sets it")
+    card = model_card(model)
+    if card.fixed_resolution:
+        want = card.input_size(full)
+        if (want[1], want[2]) != (h, w):
+            raise chk.fail(f"{path}.model", f"{model} needs {want[1]}x{want[2]} inputs but dataset.input_size is "
+                                            f"{[c, h, w]}")
+    elif min(h, w) < card.min_resolution:
+        raise chk.fail(f"{path}.model", f"{model} needs inputs of at least {card.min_resolution}x"
+                                        f"{card.min_resolution}; dataset.input_size is {[c, h, w]}")
+    return full
+
+
+def fill_kwargs(model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
+    """Kwargs with in_chans, num_classes (when the dataset fixes it) and resolution set from the dataset."""
+    args = model_args(model)
+    out = dict(kwargs)
+    c, h, _ = dataset["input_size"]
+    out["in_chans"] = c
+    n = dataset.get("num_classes") or DATASETS.get(dataset["name"])
+    if n is not None:
+        out["num_classes"] = n
+    if "resolution" in args:
+        out["resolution"] = h
+    return out
+
+
+def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[RowSpec], list[str]]:
+    from zoo.recipe.report import COLUMNS, DEFAULT_COLUMNS
+
+    if t is None:
+        t = {}
+    if isinstance(t, list):
+        t = {"rows": t}
+    chk.mapping(t, "table", {"rows": "list of stage names or {stage, label, reference}",
+                             "columns": "list of column names: " + ", ".join(COLUMNS)})
+    rows_raw = t.get("rows", list(stages))
+    if not isinstance(rows_raw, list) or not rows_raw:
+        raise chk.fail("table.rows", f"expected a non-empty list, got {_tname(rows_raw)} {_short(rows_raw)}")
+    rows: list[RowSpec] = []
+    for i, r in enumerate(rows_raw):
+        p = f"table.rows[{i}]"
+        if isinstance(r, str):
+            r = {"stage": r}
+        chk.mapping(r, p, ROW_KEYS, required=("stage",))
+        stage = chk.typed(r["stage"], f"{p}.stage", "str")
+        if stage not in stages:
+            raise chk.fail(f"{p}.stage", f"{stage!r} is not a stage; allowed: " + ", ".join(stages))
+        label = chk.typed(r.get("label", default_label(stages[stage])), f"{p}.label", "str")
+        ref = dict(chk.mapping(r.get("reference", {}) or {}, f"{p}.reference", REFERENCE_KEYS))
+        for k in ("top1", "errors_per_10k"):
+            if ref.get(k) is not None:
+                ref[k] = chk.typed(ref[k], f"{p}.reference.{k}", "float")
+        if "source" in ref:
+            chk.typed(ref["source"], f"{p}.reference.source", "str")
+        if any(ref.get(k) is not None for k in ("top1", "errors_per_10k")) and not ref.get("source"):
+            raise chk.fail(f"{p}.reference.source", "a published number needs its source")
+        rows.append(RowSpec(stage=stage, label=label, reference=ref))
+    if len({r.stage for r in rows}) != len(rows):
+        raise chk.fail("table.rows", "each stage may appear in at most one row")
+    columns = chk.typed(t.get("columns", list(DEFAULT_COLUMNS)), "table.columns", "str_list")
+    for i, c in enumerate(columns):
+        if c not in COLUMNS:
+            raise chk.fail(f"table.columns[{i}]", f"{c!r} is not a column; allowed: " + ", ".join(COLUMNS))
+    return rows, list(columns)
+
+
+def default_label(stage: StageSpec) -> str:
+    """`model (k=v, ...)` from the kwargs as written in the recipe."""
+    kw = ", ".join(f"{k}={v}" for k, v in stage.kwargs.items() if k not in ("resolution", "in_chans", "num_classes"))
+    return f"{stage.model} ({kw})" if kw else stage.model
+
+
+def _quick(chk: Checker, q: Any, seeds: list[int]) -> dict[str, Any]:
+    chk.mapping(q, "quick", QUICK_KEYS)
+    out: dict[str, Any] = {"seeds": seeds[:1], "train": {"epochs": 1}}
+    if "seeds" in q:
+        s = chk.typed(q["seeds"], "quick.seeds", "int_list")
+        if not s or len(set(s)) != len(s) or min(s) < 0:
+            raise chk.fail("quick.seeds", f"{s!r} is not allowed; expected a non-empty list of distinct ints >= 0")
+        out["seeds"] = list(s)
+    if "train" in q:
+        from zoo.recipe.stages import check_train_config
+
+        out["train"] = check_train_config(chk, "quick.train", chk.mapping(q["train"], "quick.train"), partial=True)
+    return out
