@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/zoo tables
+	$(VENV)/bin/zoo recipe check recipes/digits_kd.yaml --threads 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile
