@@ -28,7 +28,14 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous, de-aliased tensors of the model's state dict, ready for safetensors."""
+    """Contiguous, de-aliased tensors of the model's state dict, ready for safetensors.
+
+    Compressed models (int8, bit-packed weights, masks) are encoded by zoo.compress.serialize.
+    """
+    from zoo.compress.serialize import encode_state, is_compressed
+
+    if is_compressed(model):
+        return encode_state(model)
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for k, v in model.state_dict().items():

@@ -285,6 +285,9 @@ def _sparsity(model: nn.Module) -> tuple[int, float, int]:
             p = m._parameters.get(pname)
             if p is not None:
                 skip.add(id(p))
+        pz = getattr(m, "parametrizations", None)  # torch parametrizations (zoo.compress masks, quantizers)
+        if pz is not None and "weight" in pz:
+            skip.add(id(pz["weight"].original))
     nonzero, seen = 0, set()
     for p in model.parameters():
         if id(p) not in skip and id(p) not in seen:
