@@ -1,0 +1,160 @@
+"""CPU latency of compressed zoo models: fp32 vs int8 and dense vs structured-pruned, side by side.
+
+All variants of a model are timed in ONE run and interleaved (each repeat times every variant once, in
+a rotating order), so machine noise hits them alike; the table gives medians and ratios to fp32.
+A second table compares the two int8 flows zoo could use: eager torch.ao (what zoo.compress.quantize
+uses) and torchao's PT2E flow (export -> X86InductorQuantizer -> convert -> torch.compile), against
+fp32 eager and fp32 torch.compile, at batch 1.
+
+    python benchmarks/bench_compress.py                      # mobilenet_v2 + resnet18, 224 px
+    python benchmarks/bench_compress.py --models mobilenet_v2 --size 224 --threads 2 --no-pt2e
+
+Weights are random (latency does not depend on them); int8 is calibrated on random batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import zoo
+import zoo.compress as zc
+from zoo.profile import count_macs
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median ms per variant, timing each variant once per repeat in a rotating order."""
+    names = list(variants)
+    for _ in range(warmup):
+        for n in names:
+            variants[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            n = names[(i + r) % len(names)]
+            times[n].append(_time(variants[n]))
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def build(name: str, size: int) -> nn.Module:
+    """A randomly initialised 1000-class model in eval mode at `size` px."""
+    kw = {"num_classes": 1000}
+    if "resolution" in zoo.model_args(name):
+        kw["resolution"] = size
+    m = zoo.create(name, **kw).eval()
+    m.default_input_size = (3, size, size)
+    return m
+
+
+def compress_table(names: list[str], size: int, batches: list[int], repeats: int) -> None:
+    """Print fp32 / int8 / pruned / pruned+int8 latencies per model and batch size, with ratios."""
+    print(f"\n== fp32 vs int8 (static, eager torch.ao) vs 50% channel-pruned (magnitude, global); {size}px, "
+          f"{torch.get_num_threads()} threads, median ms over {repeats} interleaved repeats (fewer at batch>1) ==")
+    print("   pruned = prune(..., round_to=8); 'pr1+int8' = the same without rounding (odd channel counts)")
+    cols = ["fp32", "int8", "pruned", "pr+int8", "pr1+int8"]
+    print(f"{'model':14s} {'batch':>5s} " + " ".join(f"{c:>9s}" for c in cols) + "   ratios to fp32: "
+          + " ".join(f"{c:>8s}" for c in cols[1:]) + "   MACs pruned/dense")
+    for name in names:
+        m = build(name, size)
+        cal = [torch.randn(8, 3, size, size) for _ in range(2)]
+        p = zc.prune(m, 0.5, "magnitude", "channel", round_to=8)
+        p1 = zc.prune(m, 0.5, "magnitude", "channel")
+        models = {"fp32": m, "int8": zc.quantize(m, "static", cal, observer="minmax"), "pruned": p,
+                  "pr+int8": zc.quantize(p, "static", cal, observer="minmax"),
+                  "pr1+int8": zc.quantize(p1, "static", cal, observer="minmax")}
+        macs = count_macs(p, (3, size, size)) / count_macs(m, (3, size, size))
+        for b in batches:
+            x = torch.randn(b, 3, size, size)
+            with torch.inference_mode():
+                v = {k: (lambda mm=mm: mm(x)) for k, mm in models.items()}
+                t = interleaved(v, repeats if b == 1 else max(3, repeats // 3), warmup=2)
+            print(f"{name:14s} {b:5d} " + " ".join(f"{t[c]:9.2f}" for c in cols) + "                   "
+                  + " ".join(f"{t[c] / t['fp32']:8.2f}" for c in cols[1:]) + f"   {macs:.2f}", flush=True)
+
+
+def pt2e_int8(m: nn.Module, x: torch.Tensor, cal: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchao PT2E: export, X86InductorQuantizer (per-channel weights), calibrate, convert, compile."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    gm = torch.export.export(m, (x,)).module()
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(gm, quantizer)
+    for c in cal:
+        prepared(c)
+    converted = convert_pt2e(prepared)
+    return torch.compile(converted)
+
+
+def flow_table(names: list[str], size: int, repeats: int) -> None:
+    """Print fp32 eager / fp32 compiled / int8 eager (zoo) / int8 PT2E latencies at batch 1."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # needed for inductor's int8 weight prepacking (torchao PT2E docs)
+    print(f"\n== int8 flow choice at batch 1, {size}px, {torch.get_num_threads()} threads: eager torch.ao "
+          f"(zoo) vs torchao PT2E + inductor (freezing on, also for fp32 compile); median ms ==")
+    print(f"{'model':14s} {'fp32 eager':>10s} {'fp32 compile':>12s} {'int8 eager':>10s} {'int8 PT2E':>10s}"
+          f"  {'compile+PT2E setup s':>20s}")
+    for name in names:
+        m = build(name, size)
+        x = torch.randn(1, 3, size, size)
+        cal = [torch.randn(1, 3, size, size) for _ in range(4)]
+        q = zc.quantize(m, "static", cal, observer="minmax")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            comp = torch.compile(m)
+            comp(x)
+            try:
+                pt = pt2e_int8(m, x, cal)
+                pt(x)
+                err = ""
+            except Exception as e:  # report, do not hide: the table says why PT2E has no figure
+                pt, err = None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+        setup = time.perf_counter() - t0
+        with torch.inference_mode() if pt is None else torch.no_grad():
+            v = {"fp32": lambda: m(x), "compile": lambda: comp(x), "int8": lambda: q(x)}
+            if pt is not None:
+                v["pt2e"] = lambda: pt(x)
+            t = interleaved(v, repeats, warmup=3)
+        pt_s = f"{t['pt2e']:10.2f}" if "pt2e" in t else f"{'failed':>10s}"
+        print(f"{name:14s} {t['fp32']:10.2f} {t['compile']:12.2f} {t['int8']:10.2f} {pt_s}  {setup:20.1f}"
+              + (f"  ({err})" if err else ""), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both tables with the command-line options."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet18"])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--no-pt2e", action="store_true", help="skip the eager-vs-PT2E int8 flow table")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}")
+    compress_table(args.models, args.size, args.batches, args.repeats)
+    if not args.no_pt2e:
+        flow_table(args.models, args.size, args.repeats)
+    print("\nzoo.compress.quantize uses the eager torch.ao flow: compare 'int8 eager' with 'int8 PT2E' above.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Pruning API: unstructured weight masks and structured (physical) channel removal.
+
+* Unstructured (granularity='weight'): a mask parametrization keeps pruned weights at exactly zero
+  through fine-tuning (their gradient is masked too); `make_permanent` leaves plain weights with real
+  zeros (Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks").
+* Structured (granularity='channel'): channel groups (zoo.compress.groups) are scored and the weakest
+  units are physically removed; the result is an ordinary, smaller nn.Module (Li et al. 2017).
+* When to prune: at initialisation with SNIP (Lee et al. 2019, connection sensitivity |g * w| on one
+  batch), one-shot, or gradually on the cubic schedule of Zhu & Gupta 2017 ("To prune, or not to
+  prune") with `cubic_schedule` / `prune_iterative` and a fine-tune callback.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from zoo.compress import criteria as C
+from zoo.compress._common import (add_step, check_amount, check_choice, check_model, copy_model, get_module,
+                                  has_parametrizations, is_quantized_model, resolve_protect, steps, weight_layers)
+from zoo.compress.groups import Group, build_groups
+from zoo.compress.surgery import apply_plan, plan
+from zoo.errors import ZooError
+
+GRANULARITIES = ("weight", "channel")
+SCOPES = ("global", "layer")
+HESSIAN_ESTIMATORS = ("fisher", "hutchinson")
+
+
+class WeightMask(nn.Module):
+    """Parametrization: effective weight = original * mask (mask is a bool buffer)."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """The masked weight (its gradient is masked too, so pruned weights stay zero)."""
+        return w * self.mask
+
+
+def masked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of layers whose weight carries a pruning mask."""
+    out = []
+    for n, m in model.named_modules():
+        if parametrize.is_parametrized(m, "weight") and any(isinstance(p, WeightMask)
+                                                           for p in m.parametrizations.weight):
+            out.append((n, m))
+    return out
+
+
+def _set_mask(m: nn.Module, mask: torch.Tensor) -> None:
+    """Install or replace the mask of a layer and zero the pruned entries of its stored weight."""
+    with torch.no_grad():
+        if parametrize.is_parametrized(m, "weight"):
+            pm = next(p for p in m.parametrizations.weight if isinstance(p, WeightMask))
+            pm.mask.copy_(mask)
+        else:
+            parametrize.register_parametrization(m, "weight", WeightMask(mask.to(m.weight.device)))
+        m.parametrizations.weight.original.mul_(m.parametrizations.weight[0].mask)
+
+
+def make_permanent(model: nn.Module) -> nn.Module:
+    """Turn weight masks into plain weights with real zeros (in place); returns the model."""
+    check_model("make_permanent", model)
+    for path, m in masked_layers(model):
+        if len(m.parametrizations) != 1 or len(m.parametrizations.weight) != 1:
+            raise ZooError(f"make_permanent: {path!r} has other parametrizations besides its pruning mask")
+        # Not parametrize.remove_parametrizations: a deepcopy shares the injected class with its source,
+        # and removing the class property there would break the source model's `weight`.
+        w = m.weight.detach().clone()
+        del m._modules["parametrizations"]
+        m.__class__ = m.__class__.__bases__[0]
+        m.weight = nn.Parameter(w)
+    model.zoo_compression = [s for s in steps(model) if s.get("kind") != "mask"]
+    return model
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zero entries among the conv/linear weights (effective weights when masked)."""
+    tot = zeros = 0
+    for _, m in weight_layers(model):
+        w = m.weight
+        tot += w.numel()
+        zeros += int((w == 0).sum())
+    return zeros / tot if tot else 0.0
+
+
+def _check_common(func: str, model: nn.Module, amount: float, criterion: str, granularity: str, scope: str,
+                  hessian: str) -> float:
+    check_model(func, model)
+    amount = check_amount(func, amount)
+    check_choice(func, "criterion", criterion, C.CRITERIA)
+    check_choice(func, "granularity", granularity, GRANULARITIES)
+    check_choice(func, "scope", scope, SCOPES)
+    check_choice(func, "hessian", hessian, HESSIAN_ESTIMATORS)
+    if is_quantized_model(model):
+        raise ZooError(f"{func}: the model is already quantized; prune the float model before quantizing it")
+    return amount
+
+
+def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granularity: str = "weight",
+          scope: str = "global", data: Any = None, example_inputs: torch.Tensor | None = None, *,
+          p: int = 2, protect: Sequence[str] | None = None, loss_fn: C.LossFn | None = None,
+          max_batches: int | None = None, hessian: str = "fisher", seed: int = 0, round_to: int = 1,
+          inplace: bool = False) -> nn.Module:
+    """Prune `amount` of the weights (granularity='weight') or channel units ('channel').
+
+    criterion: magnitude (Lp norm, p=1 or 2) | taylor | hessian (estimator `hessian`='fisher' or
+    'hutchinson') | loss_change (channel only) | random; taylor/hessian/loss_change need `data`, an
+    iterable of (input, target) batches (held-out batches for loss_change). scope: 'global' ranks
+    across layers, 'layer' prunes the same fraction everywhere. For 'weight', `amount` is the target
+    sparsity of the prunable weights (already-masked weights count as pruned), `protect` defaults to
+    ('first', 'last'). For 'channel', `amount` is the fraction of units of the current model removed;
+    the image channels and class outputs are never pruned and `protect` (default none) freezes the
+    channel groups a named layer belongs to; `round_to` rounds every kept channel count up to a multiple
+    (8 keeps int8 and SIMD kernels fast). Returns a copy unless inplace=True.
+    """
+    func = "prune"
+    amount = _check_common(func, model, amount, criterion, granularity, scope, hessian)
+    if p not in (1, 2):
+        raise ZooError(f"prune: p={p!r} is not allowed; magnitude uses the L1 (p=1) or L2 (p=2) norm")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ZooError(f"prune: round_to={round_to!r} is not allowed; expected an int >= 1")
+    if criterion in ("taylor", "hessian", "loss_change") and data is None:
+        raise ZooError(f"prune: criterion={criterion!r} needs data, an iterable of (input, target) batches")
+    kw = dict(loss_fn=loss_fn, max_batches=max_batches, hessian=hessian, seed=seed)
+    if granularity == "weight":
+        model = copy_model(model, inplace)
+        _prune_weights(model, amount, criterion, scope, data, ("first", "last") if protect is None else protect, p, kw)
+        return model
+    if masked_layers(model) or has_parametrizations(model):
+        raise ZooError("prune(granularity='channel'): the model has weight masks or weight quantizers; call "
+                       "zoo.compress.make_permanent(model) first or prune channels before them")
+    if any(s.get("kind") != "channels" for s in steps(model)):
+        raise ZooError("prune(granularity='channel'): prune channels before low-rank or quantization steps")
+    model = copy_model(model, inplace)
+    groups = build_groups(model, example_inputs)
+    _protect_groups(model, groups, protect or ())
+    scores = C.unit_scores(model, groups, criterion, data, p=p, **kw)
+    kept = plan(groups, scores, amount, scope, round_to)
+    apply_structure(model, groups, kept)
+    return model
+
+
+def apply_structure(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None]) -> dict[str, Any]:
+    """Remove the channels not in `kept` from the model (in place) and record the spec step."""
+    structure = apply_plan(model, groups, kept)
+    prev = [s for s in steps(model) if s.get("kind") == "channels"]
+    merged = dict(prev[0]["modules"]) if prev else {}
+    merged.update(structure)
+    attrs = {}
+    cls = getattr(model, "classifier", None)
+    nf = getattr(model, "num_features", None)
+    if isinstance(nf, int) and isinstance(cls, (nn.Linear, nn.Conv2d)):
+        model.num_features = cls.in_features if isinstance(cls, nn.Linear) else cls.in_channels
+        attrs["num_features"] = model.num_features
+    model.zoo_compression = [{"kind": "channels", "modules": merged, "attrs": attrs}]
+    return structure
+
+
+def _protect_groups(model: nn.Module, groups: list[Group], protect: Sequence[str]) -> None:
+    names = resolve_protect(model, protect)
+    for g in groups:
+        if any(m.module in names for m in g.members):
+            g.frozen = g.frozen or "protected layer"
+
+
+def n_pruned(amount: float, n: int) -> int:
+    """Weights removed for a target sparsity: ceil(amount * n), so at most (1 - amount) * n remain."""
+    return min(n, math.ceil(round(amount * n, 6)))
+
+
+def _prune_weights(model: nn.Module, amount: float, criterion: str, scope: str, data: Any,
+                   protect: Sequence[str], p: int, kw: dict[str, Any]) -> None:
+    names = resolve_protect(model, protect)
+    layers = [(n, m) for n, m in weight_layers(model) if n not in names]
+    if not layers:
+        raise ZooError("prune: every conv/linear layer is protected; nothing to prune")
+    scores = C.weight_scores(model, layers, criterion, data, **kw)
+    for i, (_, m) in enumerate(layers):  # already-pruned weights stay pruned (they go first)
+        if parametrize.is_parametrized(m, "weight"):
+            scores[i] = scores[i].masked_fill(~m.parametrizations.weight[0].mask.cpu(), float("-inf"))
+    if scope == "global":
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        k = n_pruned(amount, flat.numel())
+        prune_idx = torch.argsort(flat, stable=True)[:k]
+        keep = torch.ones(flat.numel(), dtype=torch.bool)
+        keep[prune_idx] = False
+        masks, off = [], 0
+        for s in scores:
+            masks.append(keep[off:off + s.numel()].view(s.shape))
+            off += s.numel()
+    else:
+        masks = []
+        for s in scores:
+            k = n_pruned(amount, s.numel())
+            keep = torch.ones(s.numel(), dtype=torch.bool)
+            keep[torch.argsort(s.reshape(-1), stable=True)[:k]] = False
+            masks.append(keep.view(s.shape))
+    for (_, m), mask in zip(layers, masks):
+        _set_mask(m, mask)
+    done = {n for n, _ in masked_layers(model)}
+    other = [s for s in steps(model) if s.get("kind") != "mask"]
+    model.zoo_compression = other + [{"kind": "mask", "modules": sorted(done)}]
+
+
+def snip(model: nn.Module, amount: float, data: Any, *, protect: Sequence[str] | None = None,
+         loss_fn: C.LossFn | None = None, inplace: bool = False) -> nn.Module:
+    """SNIP (Lee et al. 2019): prune at initialisation by connection sensitivity |g * w| on one batch."""
+    return prune(model, amount, "taylor", "weight", "global", data=data, protect=protect, loss_fn=loss_fn,
+                 max_batches=1, inplace=inplace)
+
+
+def cubic_schedule(final_amount: float, steps_: int, initial_amount: float = 0.0) -> list[float]:
+    """Zhu & Gupta 2017 sparsity targets s_t = s_f + (s_i - s_f) * (1 - t/n)^3 for t = 1..n."""
+    final_amount = check_amount("cubic_schedule", final_amount)
+    if isinstance(steps_, bool) or not isinstance(steps_, int) or steps_ < 1:
+        raise ZooError(f"cubic_schedule: steps={steps_!r} is not allowed; expected int >= 1")
+    if not (isinstance(initial_amount, (int, float)) and 0.0 <= initial_amount < final_amount):
+        raise ZooError(f"cubic_schedule: initial_amount={initial_amount!r} is not allowed; expected "
+                       f"0 <= initial_amount < final_amount ({final_amount:g})")
+    return [final_amount + (initial_amount - final_amount) * (1 - t / steps_) ** 3 for t in range(1, steps_ + 1)]
+
+
+def prune_iterative(model: nn.Module, final_amount: float, steps: int, fine_tune: Callable[[nn.Module, int], Any],
+                    criterion: str = "magnitude", granularity: str = "weight", scope: str = "global",
+                    data: Any = None, *, initial_amount: float = 0.0, **kwargs: Any) -> nn.Module:
+    """Gradual pruning on the cubic schedule: prune to each target, then call fine_tune(model, step).
+
+    fine_tune may train in place (return None) or return a new model. For 'weight' the targets are
+    sparsities of the prunable weights; for 'channel' each step removes the fraction of the remaining
+    units that brings the total to the target. Returns the final model (masks still applied for
+    'weight': call make_permanent when done).
+    """
+    if not callable(fine_tune):
+        raise ZooError(f"prune_iterative: fine_tune must be callable(model, step), got {type(fine_tune).__name__}")
+    targets = cubic_schedule(final_amount, steps, initial_amount)
+    prev = initial_amount
+    for t, s in enumerate(targets):
+        amount = s if granularity == "weight" else 1 - (1 - s) / (1 - prev)
+        if amount > 0:
+            model = prune(model, amount, criterion, granularity, scope, data, **kwargs)
+        prev = s
+        out = fine_tune(model, t)
+        model = model if out is None else out
+    return model
+
+
+def channel_groups(model: nn.Module, example_inputs: torch.Tensor | None = None) -> list[Group]:
+    """The channel groups structured pruning sees (for inspection and tests)."""
+    return build_groups(check_model("channel_groups", model), example_inputs)
+
+
+def prunable_layers(model: nn.Module, protect: Sequence[str] = ("first", "last")) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the conv/linear layers unstructured pruning acts on."""
+    names = resolve_protect(model, protect)
+    return [(n, m) for n, m in weight_layers(model) if n not in names]
+
+
+def register_masks(model: nn.Module, paths: Sequence[str]) -> None:
+    """Install all-ones masks on the given layers (used when loading a masked model)."""
+    for path in paths:
+        m = get_module(model, path)
+        _set_mask(m, torch.ones_like(m.weight, dtype=torch.bool))

@@ -1,0 +1,291 @@
+"""Quantization API: int8 (dynamic, static post-training, QAT) and weight-only binary/ternary/k-bit.
+
+int8 uses PyTorch's eager torch.ao flow (Jacob et al. 2018, "Quantization and Training of Neural
+Networks for Efficient Integer-Arithmetic-Only Inference") on the x86 engine (fbgemm for models with
+grouped convs): the zoo blocks are written for it (QuantStub/DeQuantStub, FloatFunctional adds and
+concats). ConvNormAct is fused as conv+bn+relu; ReLU6 cannot be fused by torch.ao, so conv+bn is fused
+and ReLU6 runs as a quantized op. Weights are per-channel symmetric int8; activations use histogram
+(or min/max) observers, 8-bit on CPUs with VNNI and 7-bit elsewhere (fbgemm's overflow workaround).
+
+Why eager and not torchao's PT2E flow: benchmarks/bench_compress.py times both. PT2E only reaches the
+eager latency with inductor freezing and a torch.compile step per loaded model (10-50 s here), and its
+result is a compiled graph, while the eager int8 model is an ordinary nn.Module that saves to
+safetensors + spec and reloads exactly (scales and zero points included). Without freezing, PT2E int8
+is no faster than fp32 compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.ao.quantization as tq
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from zoo.compress._common import (add_step, batches, check_choice, check_model, copy_model, device_of,
+                                  eval_mode, example_input, get_module, has_parametrizations, is_quantized_model,
+                                  quiet, resolve_protect, steps, weight_layers)
+from zoo.compress.pruning import make_permanent, masked_layers
+from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight, WEIGHT_QUANTIZERS
+from zoo.errors import ZooError
+from zoo.layers import ConvNormAct
+
+METHODS = ("dynamic", "static", "qat", "binary", "ternary", "weights_kbit")
+BACKENDS = ("auto", "x86", "fbgemm")
+OBSERVERS = ("histogram", "minmax")
+
+
+def _has_grouped_conv(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules())
+
+
+def resolve_backend(model: nn.Module, backend: str) -> str:
+    """'auto' -> 'x86', except 'fbgemm' for models with grouped (non-depthwise) convs: the x86 engine
+    hands some grouped shapes to oneDNN, whose weight prepacking fails on them (e.g. 480->240, g=3)."""
+    if backend != "auto":
+        return backend
+    return "fbgemm" if _has_grouped_conv(model) else "x86"
+
+
+def _engine(backend: str) -> None:
+    if backend not in torch.backends.quantized.supported_engines:
+        raise ZooError(f"quantize: backend={backend!r} is not supported by this torch build; available: "
+                       + ", ".join(torch.backends.quantized.supported_engines))
+    torch.backends.quantized.engine = backend
+
+
+def fuse_list(model: nn.Module) -> list[list[str]]:
+    """Module-path lists to fuse: ConvNormAct as [conv, bn, relu] / [conv, bn] / [conv, relu], and
+    [conv|linear, (bn), relu] runs inside nn.Sequential containers."""
+    out: list[list[str]] = []
+    for path, m in model.named_modules():
+        p = f"{path}." if path else ""
+        if isinstance(m, ConvNormAct):
+            conv = "conv"
+            if isinstance(m.conv, nn.Sequential):  # low-rank factorised: fuse its last conv
+                conv = f"conv.{len(m.conv) - 1}"
+            has_bn = isinstance(m.bn, nn.BatchNorm2d)
+            relu = type(m.act) is nn.ReLU
+            names = [conv] + (["bn"] if has_bn else []) + (["act"] if relu else [])
+            if len(names) > 1:
+                out.append([p + n for n in names])
+        elif isinstance(m, nn.Sequential):
+            kids = list(m.named_children())
+            i = 0
+            while i < len(kids):
+                n0, m0 = kids[i]
+                if isinstance(m0, (nn.Conv2d, nn.Linear)):
+                    names = [n0]
+                    j = i + 1
+                    if isinstance(m0, nn.Conv2d) and j < len(kids) and isinstance(kids[j][1], nn.BatchNorm2d):
+                        names.append(kids[j][0])
+                        j += 1
+                    if j < len(kids) and type(kids[j][1]) is nn.ReLU:
+                        names.append(kids[j][0])
+                        j += 1
+                    if len(names) > 1:
+                        out.append([p + n for n in names])
+                    i = j
+                else:
+                    i += 1
+    return out
+
+
+def reduce_range() -> bool:
+    """Whether activations must use 7 bits: fbgemm's AVX2 kernels can saturate int16 intermediate sums
+    with full 8-bit activations; CPUs with VNNI accumulate in int32, so they keep all 8 bits."""
+    try:
+        return not bool(torch.cpu._is_vnni_supported())
+    except AttributeError:  # pragma: no cover - older torch: stay on the safe side
+        return True
+
+
+def _qconfig(backend: str, observer: str, qat: bool = False) -> tq.QConfig:
+    """Per-channel symmetric int8 weights (the backend default) and histogram (default) or min/max
+    activation observers, with 8-bit activations where the CPU allows (see reduce_range)."""
+    rr = reduce_range()
+    if qat:
+        base = tq.get_default_qat_qconfig(backend)
+        act = tq.FakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, quant_min=0,
+                                        quant_max=127 if rr else 255, dtype=torch.quint8, reduce_range=False)
+        return tq.QConfig(activation=act, weight=base.weight)
+    base = tq.get_default_qconfig(backend)
+    obs = tq.HistogramObserver if observer == "histogram" else tq.MinMaxObserver
+    return tq.QConfig(activation=obs.with_args(reduce_range=rr), weight=base.weight)
+
+
+def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "histogram") -> nn.Module:
+    """Fuse, attach qconfigs and observers (or fake-quant modules for QAT), in place."""
+    fl = fuse_list(model)
+    with quiet():
+        if qat:
+            model.train()
+            if fl:
+                tq.fuse_modules_qat(model, fl, inplace=True)
+            model.qconfig = _qconfig(backend, "minmax", qat=True)
+            tq.prepare_qat(model, inplace=True)
+        else:
+            model.eval()
+            if fl:
+                tq.fuse_modules(model, fl, inplace=True)
+            model.qconfig = _qconfig(backend, observer)
+            tq.prepare(model, inplace=True)
+    return model
+
+
+def _convert(model: nn.Module) -> nn.Module:
+    model.eval()
+    with quiet():
+        try:
+            tq.convert(model, inplace=True)
+        except RuntimeError as e:
+            if "primitive" not in str(e):
+                raise
+            raise ZooError(f"quantize: the {torch.backends.quantized.engine!r} engine cannot pack one of this "
+                           "model's grouped convs (oneDNN limitation); use backend='fbgemm' or 'auto'") from None
+    return model
+
+
+def _prime(model: nn.Module) -> None:
+    """One forward on zeros so every observer has seen data (used when rebuilding from a spec)."""
+    x = example_input(model, None, "quantize")
+    with quiet(), eval_mode(model), torch.no_grad():
+        model(x)
+
+
+def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend: str = "auto",
+             bits: int | None = None, protect: Sequence[str] = ("first", "last"), observer: str = "histogram",
+             max_batches: int | None = None, inplace: bool = False) -> nn.Module:
+    """Quantize a model; returns a copy (unless inplace=True) with its spec step recorded.
+
+    method:
+      'dynamic'       int8 Linear weights, activations quantized at run time.
+      'static'        int8 post-training: `calibration` is an iterable of input batches or (input,
+                      target) pairs, e.g. a DataLoader (the first `max_batches` are used); `observer`
+                      'histogram' (default, most accurate) or 'minmax' (faster) for the activations.
+      'qat'           returns the fake-quant model in train mode to fine-tune (optional calibration
+                      batches initialise its ranges); finish with `convert`.
+      'binary', 'ternary'  STE-trainable weights, `protect`ed layers (default first and last) float.
+      'weights_kbit'  `bits` in 2..8, per-channel weight-only rounding (STE-trainable too).
+    backend: 'auto' (x86, or fbgemm when the model has grouped convs), 'x86' or 'fbgemm'.
+    """
+    check_model("quantize", model)
+    check_choice("quantize", "method", method, METHODS)
+    check_choice("quantize", "backend", backend, BACKENDS)
+    check_choice("quantize", "observer", observer, OBSERVERS)
+    if is_quantized_model(model) or any(s.get("kind") in ("int8", "weightquant") for s in steps(model)):
+        raise ZooError("quantize: the model is already quantized; quantize the float model instead")
+    if method == "weights_kbit":
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ZooError(f"quantize: bits={bits!r} is not allowed for method='weights_kbit'; expected an int in 2..8")
+    elif bits is not None:
+        raise ZooError(f"quantize: bits={bits!r} is only used by method='weights_kbit'")
+    if method == "static" and calibration is None:
+        raise ZooError("quantize: method='static' needs calibration data (an iterable of input batches or "
+                       "(input, target) pairs, e.g. a DataLoader)")
+    if calibration is not None and method not in ("static", "qat"):
+        raise ZooError(f"quantize: method={method!r} takes no calibration data (only 'static' and 'qat' do)")
+    cal = None if calibration is None else batches(calibration, "quantize", need_target=False,
+                                                    max_batches=max_batches)
+    if any(isinstance(p, WEIGHT_QUANTIZERS) for _, m in _param_modules(model) for p in m.parametrizations.weight):
+        raise ZooError("quantize: the model already has weight quantizers")
+    model = copy_model(model, inplace)
+    if masked_layers(model):
+        make_permanent(model)  # masks -> plain weights with the same (zero) values
+    if has_parametrizations(model):
+        raise ZooError("quantize: the model has parametrized weights zoo does not know; remove them first")
+    if method in ("binary", "ternary", "weights_kbit"):
+        return _weight_only(model, method, bits, protect)
+    if str(device_of(model)) != "cpu":
+        raise ZooError("quantize: int8 models run on the CPU; move the model there first (model.cpu())")
+    backend = resolve_backend(model, backend)
+    _engine(backend)
+    if method == "dynamic":
+        model.eval()
+        with quiet():
+            tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        add_step(model, {"kind": "int8", "method": "dynamic", "backend": backend})
+        return model
+    if method == "qat":
+        _prepare_static(model, backend, qat=True)
+        if cal:  # optional: start the fake-quant ranges from real activations (BN statistics untouched)
+            with quiet(), eval_mode(model), torch.no_grad():
+                for x, _ in cal:
+                    model(x)
+        add_step(model, {"kind": "int8", "method": "qat", "backend": backend, "converted": False,
+                         "reduce_range": reduce_range()})
+        return model
+    _prepare_static(model, backend, qat=False, observer=observer)
+    with quiet(), torch.no_grad():
+        for x, _ in cal:
+            model(x)
+    _convert(model)
+    add_step(model, {"kind": "int8", "method": "static", "backend": backend, "observer": observer,
+                     "reduce_range": reduce_range()})
+    return model
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Finish QAT: turn the fine-tuned fake-quant model into a real int8 model (eval mode)."""
+    check_model("convert", model)
+    st = steps(model)
+    if not st or st[-1].get("kind") != "int8" or st[-1].get("method") != "qat" or st[-1].get("converted"):
+        raise ZooError("convert: expected a model returned by quantize(method='qat') and not yet converted")
+    model = copy_model(model, inplace)
+    _engine(st[-1]["backend"])
+    _convert(model)
+    model.zoo_compression = st[:-1] + [dict(st[-1], converted=True)]
+    return model
+
+
+def _param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+
+
+def _weight_only(model: nn.Module, method: str, bits: int | None, protect: Sequence[str]) -> nn.Module:
+    names = resolve_protect(model, protect)
+    layers = [(n, m) for n, m in weight_layers(model) if n not in names]
+    if not layers:
+        raise ZooError("quantize: every conv/linear layer is protected; nothing to quantize")
+    for _, m in layers:
+        _attach(m, method, bits)
+    add_step(model, {"kind": "weightquant", "method": method, "bits": {"binary": 1, "ternary": 2}.get(method, bits),
+                     "modules": [n for n, _ in layers]})
+    return model
+
+
+def _attach(m: nn.Module, method: str, bits: int | None) -> None:
+    if method == "binary":
+        p: nn.Module = BinaryWeight()
+    elif method == "ternary":
+        p = TernaryWeight()
+    else:
+        p = KBitWeight(bits, KBitWeight.init_scale(m.weight, bits))
+    parametrize.register_parametrization(m, "weight", p)
+
+
+def rebuild(model: nn.Module, step: dict[str, Any]) -> None:
+    """Recreate the structure a quantization step left (weights are loaded afterwards)."""
+    kind = step["kind"]
+    if kind == "weightquant":
+        method = step["method"]
+        for path in step["modules"]:
+            m = get_module(model, path)
+            if method == "weights_kbit":
+                p = KBitWeight(step["bits"], torch.ones((m.weight.shape[0],) + (1,) * (m.weight.dim() - 1)))
+                parametrize.register_parametrization(m, "weight", p)
+            else:
+                _attach(m, method, None)
+        return
+    _engine(step["backend"])
+    if step["method"] == "dynamic":
+        model.eval()
+        with quiet():
+            tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return
+    # observer choice does not change the converted structure, and the qparams are loaded afterwards
+    _prepare_static(model, step["backend"], qat=step["method"] == "qat", observer="minmax")
+    _prime(model)
+    if step["method"] == "static" or step.get("converted"):
+        _convert(model)
