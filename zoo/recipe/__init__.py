@@ -1,8 +1,9 @@
 """Recipes: YAML files that chain training stages (train, knowledge distillation after Hinton et al.
-2015, and later pruning, quantization and low-rank factorization) over seeds, then report a table
+2015, pruning, quantization and low-rank factorization) over seeds, then report a table
 (top-1, params, MACs, size, CPU latency) and a plot; `zoo recipe run/check/validate` drive them.
 
 Layout: `schema` (validation, stage-type registry, DAG order), `stages` (train, distill runners),
+`compress_stages` (prune, quantize, lowrank runners),
 `engine` (running, done-markers, check), `report` (results.json, markdown, plot, comparison),
 `cli` (the `zoo recipe` subcommands).
 """

@@ -55,7 +55,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     """Add `zoo recipe {run,check,validate}` to the zoo CLI."""
     p = sub.add_parser("recipe", help="run, check or validate a recipe (YAML)",
-                       description="Recipes chain train / distill stages over seeds and report a table.")
+                       description="Recipes chain train / distill / prune / quantize / lowrank stages over seeds and "
+                                   "report a table.")
     rsub = p.add_subparsers(dest="recipe_command", metavar="ACTION", required=True, parser_class=type(p))
 
     r = rsub.add_parser("run", help="run a recipe; completed stages are skipped",

@@ -53,7 +53,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def load_checkpoint(path: Path) -> nn.Module:
-    """Rebuild a model saved by zoo.io.save_model: registry spec from the header, then the weights."""
+    """Rebuild a model saved by zoo.io.save_model (or zoo.compress.save): spec from the header, then the weights."""
     from safetensors import safe_open
 
     from zoo._registry import create
@@ -65,7 +65,9 @@ def load_checkpoint(path: Path) -> nn.Module:
         raise ZooError(f"{path}: no zoo.spec in the safetensors header; not saved by zoo.io.save_model")
     spec = json.loads(meta["zoo.spec"])
     if spec.get("compression"):
-        raise ZooError(f"{path}: compressed checkpoints cannot be reloaded by the recipe engine yet")
+        from zoo.compress import load
+
+        return load(path)  # rebuilt from the spec's steps (channels, masks, low-rank, int8, binary ...)
     model = create(spec["name"], **spec["kwargs"])
     model.load_state_dict(load_tensors(path), strict=True)
     return model

@@ -61,7 +61,9 @@ def _row_errors(r: dict) -> tuple[float | None, float | None]:
 def _ref(key: str) -> Callable[[dict], str]:
     def f(r: dict) -> str:
         v = (r.get("reference") or {}).get(key)
-        return "absent" if v is None and r.get("reference") else ("-" if v is None else f"{v:g}")
+        if v is None:
+            return "absent" if r.get("reference") else "-"
+        return f"{v:,.0f}" if key == "params" else f"{v:g}"
     return f
 
 
@@ -94,6 +96,17 @@ COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size_kb": ("size (KB)", lambda r: "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:,.1f}"),
     "latency_ms": ("CPU latency (ms)", lambda r: "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"),
     "train_time_s": ("train time (s)", lambda r: _pm(r.get("time_s"), None, 1)),
+    # compression columns (zoo.recipe.compress_stages)
+    "top1_pre": ("top-1 before fine-tune (%)", lambda r: _pm(r.get("top1_pre"), None)),
+    "nonzero": ("nonzero params", lambda r: "-" if r.get("nonzero_params") is None else f"{r['nonzero_params']:,}"),
+    "sparsity": ("weight sparsity (%)", lambda r: "-" if r.get("sparsity") is None else f"{100 * r['sparsity']:.1f}"),
+    "stored_kb": ("stored size (KB)",
+                  lambda r: "-" if r.get("sparse_size_bytes") is None else f"{r['sparse_size_bytes'] / 1024:,.1f}"),
+    "ref_params": ("paper weights", _ref("params")),
+    "nz_reduction": ("fewer nonzero params", lambda r: "-" if not r.get("nonzero_params") or not r.get("dense_params")
+                     else f"{r['dense_params'] / r['nonzero_params']:.1f}x"),
+    "ratio": ("compression ratio", lambda r: "-" if r.get("compression_ratio") is None
+              else f"{r['compression_ratio']:.1f}x"),
 }
 TEXT_COLUMNS = ("model", "stage", "teacher")
 DEFAULT_COLUMNS = ("model", "stage", "teacher", "top1", "params", "macs", "size_kb", "latency_ms")
@@ -108,7 +121,29 @@ def _profile_row(model: torch.nn.Module, input_size: tuple[int, ...], latency: d
         p = profile(model, input_size=input_size, latency=True, batch_size=latency["batch_size"], flops=False)
     finally:
         torch.set_num_threads(prev)
-    return {"params": p.params, "macs": p.macs, "size_bytes": p.size_bytes, "latency_ms": p.latency_ms}
+    return {"params": p.params, "macs": p.macs, "size_bytes": p.size_bytes, "latency_ms": p.latency_ms,
+            "nonzero_params": p.nonzero_params, "sparsity": p.sparsity, "sparse_size_bytes": p.sparse_size_bytes}
+
+
+def _root_stage(recipe: Any, stage: str) -> str:
+    """The stage at the start of a `from` chain (the dense model a compressed one derives from)."""
+    while recipe.stages[stage].source is not None:
+        stage = recipe.stages[stage].source
+    return stage
+
+
+def _dense_ref(run: Any, stage: str, seed: int, cache: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(serialized fp32 bytes, nonzero params) of the dense root model of `stage`'s `from` chain."""
+    from zoo.io import serialized_size
+    from zoo.profile import profile
+    from zoo.recipe.engine import load_checkpoint
+
+    root = _root_stage(run.recipe, stage)
+    if root not in cache:
+        eff = run.effective_seed(run.recipe.stages[root], seed)
+        m = load_checkpoint(run.stage_dir(root, eff) / "model.safetensors")
+        cache[root] = (serialized_size(m), profile(m, input_size=run.recipe.input_size, flops=False).nonzero_params)
+    return cache[root]
 
 
 def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int], wall_s: float) -> dict[str, Any]:
@@ -118,6 +153,7 @@ def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int
     recipe = run.recipe
     rows: list[dict[str, Any]] = []
     label_of = {r.stage: r.label for r in recipe.rows}
+    dense_cache: dict[str, tuple[int, int]] = {}
     for row in recipe.rows:
         spec = recipe.stages[row.stage]
         recs = [records[row.stage][k] for k in sorted(records[row.stage])]
@@ -132,13 +168,19 @@ def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int
             teacher = os.path.basename(t) if "teacher" in spec.files else label_of.get(t, t)
         m1, s1 = _mean_std(top1)
         m5, s5 = _mean_std(top5)
+        pre = [r["metrics"].get("top1_before_finetune") for r in recs]
+        dense, dense_nz = _dense_ref(run, row.stage, seeds[0], dense_cache)
+        stored = prof.get("sparse_size_bytes")
+        comp = {"top1_pre": statistics.fmean(pre) if pre and None not in pre else None,
+                "dense_size_bytes": dense, "dense_params": dense_nz,
+                "compression_ratio": dense / stored if stored else None}
         rows.append({
             "stage": row.stage, "label": row.label, "type": spec.type, "model": spec.model,
             "kwargs": {k: v for k, v in spec.kwargs.items()}, "from": spec.source, "teacher": teacher,
             "seeds": [r["seed"] for r in recs], "top1": m1, "top1_std": s1, "top1_seeds": top1,
             "top5": m5, "top5_std": s5, "num_val": recs[0].get("num_val"),
             "hashes": [r["hash"] for r in recs], "time_s": statistics.fmean(r["time_s"] for r in recs),
-            "reference": row.reference or None, "options": run.options(spec), **prof,
+            "reference": row.reference or None, "options": run.options(spec), **prof, **comp,
         })
     info = run.info
     stage_time = sum(r["time_s"] for per in records.values() for r in per.values())
@@ -233,6 +275,16 @@ def render_markdown(res: dict[str, Any]) -> str:
                  f"{lat['batch_size']} with {lat['threads']} torch thread{'s' if lat['threads'] > 1 else ''} on "
                  f"{env['cpu']} (torch {env['torch']}); latency is noisy on a shared machine.")
     lines.append("")
+    if any(c in cols for c in ("stored_kb", "ratio", "nonzero")):
+        lines.append("Nonzero params: parameters that are not exactly zero. Stored size: the safetensors bytes at the "
+                     "stored precision (int8 weights 1 byte, binary weights 1 bit plus a float scale per output "
+                     "channel), with every conv/linear weight that has enough zeros re-stored as a bitmask plus its "
+                     "nonzero values (zoo.profile sparse_size_bytes). Compression ratio: dense fp32 size of the "
+                     "stage's source model (the start of its `from` chain) / stored size"
+                     + ("; fewer nonzero params: nonzero params of that source model / this model's"
+                        if "nz_reduction" in cols else "")
+                     + ". MACs count dense compute: unstructured zeros are not skipped.")
+        lines.append("")
     th = env["train_threads"]
     th_text = (f"{th} torch thread{'s' if th > 1 else ''}" if isinstance(th, int)
                else "torch threads " + ", ".join(map(str, th)) + " (stages trained in different runs)")
@@ -251,7 +303,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker  # noqa: F401
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    styles = {"train": ("o", "tab:blue"), "distill": ("^", "tab:orange")}
+    styles = {"train": ("o", "tab:blue"), "distill": ("^", "tab:orange"), "prune": ("s", "tab:green"),
+              "quantize": ("D", "tab:red"), "lowrank": ("v", "tab:purple")}
     seen: set[str] = set()
     for r in res["rows"]:
         marker, color = styles.get(r["type"], ("s", "tab:green"))
@@ -286,6 +339,8 @@ def write_outputs(res: dict[str, Any], out: Path) -> None:
 def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
     """Lines describing every difference beyond tolerance (empty list: the check passes)."""
     tol = {"top1": 0.0, "params": 0.0, "macs": 0.0, "size_kb": 0.0, **tolerance}
+    tol.setdefault("nonzero", tol["params"])
+    tol.setdefault("stored_kb", tol["size_kb"])
     diffs: list[str] = []
     if committed.get("seeds") != new.get("seeds"):
         diffs.append(f"seeds: committed {committed.get('seeds')} vs re-run {new.get('seeds')}")
@@ -304,13 +359,18 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
                   ("macs", o.get("macs"), n["macs"], ""),
                   ("size_kb", None if o.get("size_bytes") is None else o["size_bytes"] / 1024,
                    None if n.get("size_bytes") is None else n["size_bytes"] / 1024, "KB")]
+        if "nonzero_params" in o:  # results written before the compression columns lack these
+            checks.append(("nonzero", o["nonzero_params"], n.get("nonzero_params"), ""))
+        if "sparse_size_bytes" in o:
+            checks.append(("stored_kb", None if o["sparse_size_bytes"] is None else o["sparse_size_bytes"] / 1024,
+                           None if n.get("sparse_size_bytes") is None else n["sparse_size_bytes"] / 1024, "KB"))
         for key, a, b, unit in checks:
             if a is None or b is None:
                 if a != b:
                     diffs.append(f"row {s}: {key} committed {a} vs re-run {b}")
                 continue
             if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > tol[key] + 1e-9:
-                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb") else (lambda v: f"{int(v):,}")
+                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb") else (lambda v: f"{int(v):,}")
                 diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
                              f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {tol[key]:g})")
     return diffs

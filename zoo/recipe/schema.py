@@ -98,8 +98,8 @@ class StageType:
     them as a dict (raise via `chk.fail(key_path, message)`); `ref_keys` name the keys whose value is
     another stage (or, for keys also in `file_refs`, a .safetensors file); `runner(ctx)` trains or
     transforms the model (ctx: zoo.recipe.engine.StageContext) and returns `(model, metrics)` with at
-    least metrics["top1"], ["top5"] and ["loss"]. `needs_model=False` types (e.g. a future `prune`,
-    `quantize` or `lowrank`) take their input model only through `from`.
+    least metrics["top1"], ["top5"] and ["loss"]. `needs_model=False` types (`prune`, `quantize`,
+    `lowrank` in zoo.recipe.compress_stages) take their input model only through `from`.
     """
 
     name: str
@@ -139,6 +139,9 @@ def register_stage_type(st: StageType) -> StageType:
 
 def _ensure_builtin_stages() -> None:
     import zoo.recipe.stages  # noqa: F401  (registers train and distill)
+    from zoo.recipe.compress_stages import register
+
+    register()  # prune, quantize, lowrank
 
 
 # --------------------------------------------------------------------------- recipe data
@@ -214,7 +217,7 @@ DATASET_KEYS = {
 ROW_KEYS = {"stage": "stage name", "label": "row label (default: model and kwargs)",
             "reference": "published numbers: {top1, errors_per_10k, source}; null values mean absent"}
 REFERENCE_KEYS = {"top1": "published top-1 (%) or null", "errors_per_10k": "published test errors per 10,000",
-                  "source": "citation for the numbers"}
+                  "params": "published (nonzero) weight count or null", "source": "citation for the numbers"}
 TOLERANCE_KEYS = {"top1": "max |diff| of top-1 in points", "params": "max |diff| of parameter counts",
                   "macs": "max |diff| of MACs", "size_kb": "max |diff| of serialized size in KB"}
 LATENCY_KEYS = {"threads": "torch threads while timing (int >= 1)", "batch_size": "batch size (int >= 1)"}
@@ -520,12 +523,12 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
             raise chk.fail(f"{p}.stage", f"{stage!r} is not a stage; allowed: " + ", ".join(stages))
         label = chk.typed(r.get("label", default_label(stages[stage])), f"{p}.label", "str")
         ref = dict(chk.mapping(r.get("reference", {}) or {}, f"{p}.reference", REFERENCE_KEYS))
-        for k in ("top1", "errors_per_10k"):
+        for k in ("top1", "errors_per_10k", "params"):
             if ref.get(k) is not None:
                 ref[k] = chk.typed(ref[k], f"{p}.reference.{k}", "float")
         if "source" in ref:
             chk.typed(ref["source"], f"{p}.reference.source", "str")
-        if any(ref.get(k) is not None for k in ("top1", "errors_per_10k")) and not ref.get("source"):
+        if any(ref.get(k) is not None for k in ("top1", "errors_per_10k", "params")) and not ref.get("source"):
             raise chk.fail(f"{p}.reference.source", "a published number needs its source")
         rows.append(RowSpec(stage=stage, label=label, reference=ref))
     if len({r.stage for r in rows}) != len(rows):

@@ -1,0 +1,379 @@
+"""Compression recipe stages: `prune`, `quantize` and `lowrank`, each with optional fine-tuning.
+
+They transform the model of an earlier stage (`from:`) with zoo.compress:
+
+* `prune`: Han et al. 2015 ("Learning both Weights and Connections for Efficient Neural Networks")
+  unstructured magnitude pruning with retraining, structured channel pruning (Li et al. 2017) by the
+  magnitude / taylor / hessian / loss_change criteria, gradual pruning on the cubic schedule of Zhu &
+  Gupta 2017 (`schedule: iterative`) and SNIP at initialisation (Lee et al. 2019, `schedule: snip`).
+* `quantize`: int8 dynamic / static / QAT (Jacob et al. 2018) and STE binary / ternary / k-bit weights.
+* `lowrank`: SVD / Tucker-2 factorisation (Denton et al. 2014, Kim et al. 2016) by rank or energy.
+
+The optional `finetune:` block holds zoo.train.TrainConfig keys over `defaults.finetune` (`true`
+takes `defaults.finetune` as it is); `--quick` shortens it like every train section. The final model
+is evaluated on the held-out images after compression (for QAT: after conversion to int8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from zoo.recipe.schema import DEFAULT_SECTIONS, Checker, StageType, register_stage_type
+
+CRITERIA = ("magnitude", "taylor", "hessian", "loss_change", "random")
+GRANULARITIES = ("weight", "channel")
+SCOPES = ("global", "layer")
+SCHEDULES = ("one_shot", "iterative", "snip")
+METHODS = ("dynamic", "static", "qat", "binary", "ternary", "weights_kbit")
+BACKENDS = ("auto", "x86", "fbgemm")
+OBSERVERS = ("histogram", "minmax")
+FINETUNE_DOC = ("fine-tuning: zoo.train.TrainConfig keys over defaults.finetune (true: defaults.finetune as is; "
+                "absent or false: none)")
+
+PRUNE_KEYS = {
+    "amount": "fraction pruned, in (0, 1): of the prunable weights (granularity weight) or of the channel units; "
+              "or, for weights, a mapping layer path -> fraction (layer-wise rates as in Han et al. 2015; "
+              "unlisted layers stay dense)",
+    "criterion": "one of " + ", ".join(CRITERIA) + " (default magnitude)",
+    "granularity": "weight (unstructured masks) or channel (structured, physical removal); default weight",
+    "scope": "global (rank across layers, default) or layer (same fraction in every layer)",
+    "schedule": "one_shot (default), iterative (cubic schedule, fine-tune after each step) or snip (prune a "
+                "fresh, untrained model of the `from` architecture at initialisation, then train it with finetune)",
+    "steps": "number of pruning steps of the iterative schedule (int >= 1; default 3)",
+    "protect": "list of layer paths (or 'first' / 'last') never pruned; default: zoo.compress's",
+    "batches": "training batches fed to the data-driven criteria (taylor, hessian, loss_change; default 4)",
+    "batch_size": "images per batch of that criterion data (default 64); loss_change costs one forward pass "
+                  "of all of them per channel unit",
+    "finetune": FINETUNE_DOC + "; iterative: this fine-tune runs after every step",
+}
+QUANT_KEYS = {
+    "method": "one of " + ", ".join(METHODS),
+    "calibration": "training batches used to calibrate static int8 (int >= 1; default 8)",
+    "bits": "bits of weights_kbit (2..8)",
+    "backend": "int8 engine: " + ", ".join(BACKENDS) + " (default auto)",
+    "observer": "static activation observer: histogram (default) or minmax",
+    "protect": "layers kept in float by binary / ternary / weights_kbit (default first and last)",
+    "finetune": FINETUNE_DOC + "; required for qat (fake-quant training, then conversion to int8)",
+}
+LOWRANK_KEYS = {
+    "rank": "rank of every factorised layer (int >= 1), or use energy",
+    "energy": "fraction in (0, 1] of the squared singular values each layer keeps, or use rank",
+    "finetune": FINETUNE_DOC,
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _choice(chk: Checker, stage: dict, path: str, key: str, allowed: tuple[str, ...], default: str) -> str:
+    if key not in stage:
+        return default
+    v = chk.typed(stage[key], f"{path}.{key}", "str")
+    if v not in allowed:
+        raise chk.fail(f"{path}.{key}", f"{v!r} is not allowed; allowed: " + ", ".join(allowed))
+    return v
+
+
+def _int(chk: Checker, stage: dict, path: str, key: str, default: int | None, lo: int, hi: int | None = None
+         ) -> int | None:
+    if key not in stage:
+        return default
+    v = chk.typed(stage[key], f"{path}.{key}", "int")
+    if v < lo or (hi is not None and v > hi):
+        want = f"an int in {lo}..{hi}" if hi is not None else f"an int >= {lo}"
+        raise chk.fail(f"{path}.{key}", f"{v} is not allowed; expected {want}")
+    return v
+
+
+def _fraction(chk: Checker, stage: dict, path: str, key: str, closed_top: bool = False) -> float:
+    v = chk.typed(stage[key], f"{path}.{key}", "float")
+    if not (0.0 < v < 1.0 or (closed_top and v == 1.0)):
+        raise chk.fail(f"{path}.{key}", f"{v:g} is not allowed; expected a number in (0, {'1]' if closed_top else '1)'}")
+    return v
+
+
+def _finetune(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any] | None:
+    """The stage's fine-tune TrainConfig (merged over defaults.finetune), or None for no fine-tuning."""
+    from zoo.recipe.stages import check_train_config
+
+    base = check_train_config(chk, "defaults.finetune", defaults.get("finetune", {}) or {}, partial=True)
+    v = stage.get("finetune")
+    if v is None or v is False:
+        return None
+    if v is True:
+        return check_train_config(chk, f"{path}.finetune", dict(base))
+    own = check_train_config(chk, f"{path}.finetune", chk.mapping(v, f"{path}.finetune"), partial=True)
+    return check_train_config(chk, f"{path}.finetune", {**base, **own})
+
+
+def _protect(chk: Checker, stage: dict, path: str) -> list[str] | None:
+    if "protect" not in stage:
+        return None
+    return list(chk.typed(stage["protect"], f"{path}.protect", "str_list"))
+
+
+def _validate_prune(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any]:
+    if "amount" not in stage:
+        raise chk.fail(f"{path}.amount", "missing required key (" + PRUNE_KEYS["amount"] + ")")
+    schedule = _choice(chk, stage, path, "schedule", SCHEDULES, "one_shot")
+    if isinstance(stage["amount"], dict):
+        amounts = chk.mapping(stage["amount"], f"{path}.amount")
+        if not amounts:
+            raise chk.fail(f"{path}.amount", "an empty mapping; give layer path -> fraction pairs")
+        amount: float | dict[str, float] = {k: _fraction(chk, amounts, f"{path}.amount", k) for k in amounts}
+        for k in ("granularity", "scope", "protect"):
+            if k in stage and not (k == "granularity" and stage[k] == "weight"):
+                raise chk.fail(f"{path}.{k}", "not allowed with layer-wise amounts (each listed layer is pruned to "
+                                              "its own fraction; unlisted layers stay dense)")
+        if schedule == "snip":
+            raise chk.fail(f"{path}.amount", "schedule snip takes one global fraction")
+    else:
+        amount = _fraction(chk, stage, path, "amount")
+    if schedule == "snip":
+        for k in ("criterion", "granularity", "scope"):
+            if k in stage:
+                raise chk.fail(f"{path}.{k}", "not allowed with schedule: snip (SNIP ranks single weights globally "
+                                              "by connection sensitivity |g * w| on one batch)")
+    criterion = _choice(chk, stage, path, "criterion", CRITERIA, "magnitude")
+    granularity = _choice(chk, stage, path, "granularity", GRANULARITIES, "weight")
+    if criterion == "loss_change" and granularity != "channel":
+        raise chk.fail(f"{path}.criterion", "loss_change measures removing whole channel units; use it with "
+                                            "granularity: channel")
+    if "steps" in stage and schedule != "iterative":
+        raise chk.fail(f"{path}.steps", "only used with schedule: iterative")
+    ft = _finetune(chk, path, stage, defaults)
+    if schedule in ("snip", "iterative") and ft is None:
+        raise chk.fail(f"{path}.finetune", f"missing: schedule {schedule} needs a finetune block "
+                                           + ("(SNIP trains the pruned network from scratch)" if schedule == "snip"
+                                              else "(the retraining after each pruning step)"))
+    out: dict[str, Any] = {
+        "amount": amount, "criterion": "taylor" if schedule == "snip" else criterion,
+        "granularity": "weight" if schedule == "snip" else granularity,
+        "scope": _choice(chk, stage, path, "scope", SCOPES, "global"), "schedule": schedule,
+        "steps": _int(chk, stage, path, "steps", 3, 1) if schedule == "iterative" else None,
+        "protect": _protect(chk, stage, path), "batches": _int(chk, stage, path, "batches", 4, 1),
+        "batch_size": _int(chk, stage, path, "batch_size", 64, 1),
+    }
+    if ft is not None:
+        out["train"] = ft
+    return out
+
+
+def _validate_quantize(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any]:
+    if "method" not in stage:
+        raise chk.fail(f"{path}.method", "missing required key; allowed: " + ", ".join(METHODS))
+    method = _choice(chk, stage, path, "method", METHODS, "")
+    if "calibration" in stage and method != "static":
+        raise chk.fail(f"{path}.calibration", "only used with method: static")
+    if method == "weights_kbit" and "bits" not in stage:
+        raise chk.fail(f"{path}.bits", "missing: method weights_kbit needs bits (2..8)")
+    if "bits" in stage and method != "weights_kbit":
+        raise chk.fail(f"{path}.bits", "only used with method: weights_kbit")
+    if "observer" in stage and method != "static":
+        raise chk.fail(f"{path}.observer", "only used with method: static")
+    if "protect" in stage and method not in ("binary", "ternary", "weights_kbit"):
+        raise chk.fail(f"{path}.protect", "only used with methods binary, ternary and weights_kbit")
+    ft = _finetune(chk, path, stage, defaults)
+    if method == "qat" and ft is None:
+        raise chk.fail(f"{path}.finetune", "missing: method qat needs a finetune block (the fake-quant training)")
+    if method in ("dynamic", "static") and ft is not None:
+        raise chk.fail(f"{path}.finetune", f"method {method} is post-training (an int8 model cannot be trained); "
+                                           "use method: qat to fine-tune")
+    out: dict[str, Any] = {
+        "method": method, "calibration": _int(chk, stage, path, "calibration", 8, 1) if method == "static" else None,
+        "bits": _int(chk, stage, path, "bits", None, 2, 8),
+        "backend": _choice(chk, stage, path, "backend", BACKENDS, "auto"),
+        "observer": _choice(chk, stage, path, "observer", OBSERVERS, "histogram"),
+        "protect": _protect(chk, stage, path),
+    }
+    if ft is not None:
+        out["train"] = ft
+    return out
+
+
+def _validate_lowrank(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any]:
+    if ("rank" in stage) == ("energy" in stage):
+        raise chk.fail(f"{path}.rank" if "rank" in stage else path,
+                       "give exactly one of `rank` (int >= 1) or `energy` (a fraction in (0, 1])")
+    out: dict[str, Any] = {"rank": _int(chk, stage, path, "rank", None, 1),
+                           "energy": _fraction(chk, stage, path, "energy", closed_top=True) if "energy" in stage
+                           else None}
+    ft = _finetune(chk, path, stage, defaults)
+    if ft is not None:
+        out["train"] = ft
+    return out
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def _train_batches(ctx: Any, n: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first n batches of the stage's (seed-shuffled) training loader, for criteria and calibration."""
+    train_loader, _, _ = ctx.loaders(batch_size)
+    out = []
+    for x, y in train_loader:
+        out.append((x, y))
+        if len(out) >= n:
+            break
+    return out
+
+
+def _finetune_run(ctx: Any, model: torch.nn.Module, sub: str) -> dict[str, Any]:
+    """Fine-tune in place with the stage's finetune config (checkpoints in <stage dir>/<sub>)."""
+    from zoo.recipe.stages import train_config
+    from zoo.train import fit
+
+    cfg = train_config(ctx.options["train"], ctx.seed)
+    train_loader, val_loader, _ = ctx.loaders(cfg.batch_size)
+    result = fit(model, train_loader, val_loader, cfg, out_dir=ctx.dir / sub, resume=False, meta=ctx.meta)
+    return {"epochs": len(result.history), "top1": float(result.final["top1"])}
+
+
+def _evaluate(ctx: Any, model: torch.nn.Module) -> dict[str, float]:
+    from zoo.train import evaluate
+
+    _, val_loader, _ = ctx.loaders(ctx.options.get("train", {}).get("batch_size", 64))
+    return evaluate(model.cpu(), val_loader, torch.device("cpu"))
+
+
+def _metrics(ctx: Any, model: torch.nn.Module, before: dict[str, float] | None, ft_epochs: int) -> dict[str, Any]:
+    from zoo.compress import sparsity
+
+    m = _evaluate(ctx, model)
+    out: dict[str, Any] = {k: float(m[k]) for k in ("top1", "top5", "loss")}
+    if before is not None:
+        out["top1_before_finetune"] = float(before["top1"])
+    out["finetune_epochs"] = ft_epochs
+    out["sparsity"] = float(sparsity(model))
+    return out
+
+
+def run_prune(ctx: Any) -> tuple[Any, dict[str, Any]]:
+    """Prune the `from` model (one-shot, iterative or SNIP at initialisation), fine-tune, bake the masks."""
+    from zoo.compress import make_permanent, prune, prune_iterative, snip
+
+    o = ctx.options
+    data_needed = o["criterion"] in ("taylor", "hessian", "loss_change")
+    data = _train_batches(ctx, o["batches"], o["batch_size"]) if data_needed else None
+    kw: dict[str, Any] = {"max_batches": o["batches"]} if data_needed else {}
+    if o["protect"] is not None:
+        kw["protect"] = o["protect"]
+    ft_epochs = 0
+    if o["schedule"] == "snip":
+        from zoo._registry import create
+        from zoo.recipe.schema import fill_kwargs
+
+        torch.manual_seed(ctx.seed)  # a fresh network of the `from` architecture, initialised like a train stage
+        fresh = create(ctx.spec.model, **fill_kwargs(ctx.spec.model, ctx.spec.kwargs, ctx.run.dataset))
+        model = snip(fresh, o["amount"], data=_train_batches(ctx, 1, o["batch_size"]), protect=o["protect"])
+        before = None
+        ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+    elif isinstance(o["amount"], dict):
+        model, before, ft_epochs = _prune_layerwise(ctx, ctx.initial_model(), o, data, kw)
+    elif o["schedule"] == "iterative":
+        source = ctx.initial_model()
+
+        def fine_tune(m: torch.nn.Module, step: int) -> None:
+            nonlocal ft_epochs
+            ft_epochs += _finetune_run(ctx, m, f"finetune_step{step + 1}")["epochs"]
+
+        before = None
+        model = prune_iterative(source, o["amount"], o["steps"], fine_tune, o["criterion"], o["granularity"],
+                                o["scope"], data, example_inputs=_example(ctx), **kw)
+    else:
+        model = prune(ctx.initial_model(), o["amount"], o["criterion"], o["granularity"], o["scope"], data=data,
+                      example_inputs=_example(ctx), **kw)
+        before = _evaluate(ctx, model) if "train" in o else None
+        if "train" in o:
+            ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+    # masks -> plain weights with real zeros (a no-op for channel pruning); reported with sparse storage
+    model = make_permanent(model.cpu())
+    return model, _metrics(ctx, model, before, ft_epochs)
+
+
+def _prune_layerwise(ctx: Any, model: torch.nn.Module, o: dict[str, Any], data: Any, kw: dict[str, Any]
+                     ) -> tuple[torch.nn.Module, dict[str, float] | None, int]:
+    """Prune each listed layer to its own fraction (one-shot, or on its own cubic schedule when iterative)."""
+    from zoo.compress import cubic_schedule, prunable_layers, prune
+    from zoo.errors import ZooError
+
+    layers = [n for n, _ in prunable_layers(model, protect=())]
+    for name in o["amount"]:
+        if name not in layers:
+            raise ZooError(f"stage {ctx.name}: amount names layer {name!r}, which is not a conv/linear layer of "
+                           f"{ctx.spec.model}; its layers: " + ", ".join(layers))
+    n_steps = o["steps"] if o["schedule"] == "iterative" else 1
+    targets = {n: cubic_schedule(a, n_steps) for n, a in o["amount"].items()}
+    before, ft_epochs = None, 0
+    for t in range(n_steps):
+        for name in o["amount"]:
+            others = [n for n in layers if n != name]
+            model = prune(model, targets[name][t], o["criterion"], "weight", "layer", data,
+                          **{**kw, "protect": others})
+        if "train" in o:
+            if n_steps == 1:
+                before = _evaluate(ctx, model)
+            ft_epochs += _finetune_run(ctx, model, f"finetune_step{t + 1}" if n_steps > 1 else "finetune")["epochs"]
+    return model, before, ft_epochs
+
+
+def _example(ctx: Any) -> torch.Tensor:
+    return torch.zeros(1, *ctx.input_size)
+
+
+def run_quantize(ctx: Any) -> tuple[Any, dict[str, Any]]:
+    """Quantize the `from` model: int8 post-training, QAT (fine-tune, then convert) or STE weights."""
+    from zoo.compress import convert, quantize
+
+    o = ctx.options
+    source = ctx.initial_model().cpu()
+    kw: dict[str, Any] = {"backend": o["backend"]}
+    if o["method"] == "static":
+        kw.update(calibration=_train_batches(ctx, o["calibration"]), observer=o["observer"])
+    if o["method"] == "weights_kbit":
+        kw["bits"] = o["bits"]
+    if o["protect"] is not None:
+        kw["protect"] = o["protect"]
+    model = quantize(source, o["method"], **kw)
+    before, ft_epochs = None, 0
+    if "train" in o:
+        # (a QAT model's observers have seen no data before its fine-tune: no meaningful int8 accuracy yet)
+        before = None if o["method"] == "qat" else _evaluate(ctx, model)
+        ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+        model = model.cpu()
+    if o["method"] == "qat":
+        model = convert(model)
+    return model, _metrics(ctx, model, before, ft_epochs)
+
+
+def run_lowrank(ctx: Any) -> tuple[Any, dict[str, Any]]:
+    """Factorise the `from` model by rank or energy, then fine-tune it (optional)."""
+    from zoo.compress import low_rank
+
+    o = ctx.options
+    model = low_rank(ctx.initial_model().cpu(), rank=o["rank"], energy=o["energy"], example_inputs=_example(ctx))
+    before, ft_epochs = None, 0
+    if "train" in o:
+        before = _evaluate(ctx, model)
+        ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+    return model.cpu(), _metrics(ctx, model, before, ft_epochs)
+
+
+def register() -> None:
+    """Register the prune, quantize and lowrank stage types and the `defaults.finetune` section (once)."""
+    from zoo.recipe.schema import STAGE_TYPES
+    from zoo.recipe.stages import check_train_config
+
+    if "prune" in STAGE_TYPES:
+        return
+    register_stage_type(StageType(name="prune", keys=PRUNE_KEYS, validate=_validate_prune, runner=run_prune,
+                                  needs_model=False, doc="pruning (zoo.compress.prune) with optional fine-tuning"))
+    register_stage_type(StageType(name="quantize", keys=QUANT_KEYS, validate=_validate_quantize,
+                                  runner=run_quantize, needs_model=False,
+                                  doc="quantization (zoo.compress.quantize) with optional QAT / STE fine-tuning"))
+    register_stage_type(StageType(name="lowrank", keys=LOWRANK_KEYS, validate=_validate_lowrank,
+                                  runner=run_lowrank, needs_model=False,
+                                  doc="low-rank factorisation (zoo.compress.low_rank) with optional fine-tuning"))
+    DEFAULT_SECTIONS["finetune"] = lambda chk, path, d: check_train_config(chk, path, d, partial=True)
