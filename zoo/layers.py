@@ -92,7 +92,7 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.dw(self.expand(x)))
-        return self.skip.add(x, out) if self.use_res else out
+        return add_(self.skip, out, x) if self.use_res else out
 
 
 class Fire(nn.Module):
@@ -124,6 +124,18 @@ class Fire(nn.Module):
         elif self.bypass_conv is not None:
             out = self.skip.add(out, self.bypass_conv(x))
         return out
+
+
+def add_(ff: FloatFunctional, out: torch.Tensor, other: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """Residual add (optionally + ReLU) through `ff`, so that int8 conversion sees it.
+
+    In plain fp32 (no observer attached, not converted) it adds in place into `out` (a fresh block
+    output), like torchvision, which saves a full-size allocation per block at large batch sizes.
+    """
+    if type(ff) is FloatFunctional and isinstance(ff.activation_post_process, nn.Identity):
+        out = out.add_(other)
+        return out.relu_() if relu else out
+    return ff.add_relu(out, other) if relu else ff.add(out, other)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -223,7 +235,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.skip.add_relu(self.conv2(self.conv1(x)), shortcut)
+        return add_(self.skip, self.conv2(self.conv1(x)), shortcut, relu=True)
 
 
 class Bottleneck(nn.Module):
@@ -244,7 +256,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.skip.add_relu(self.conv3(self.conv2(self.conv1(x))), shortcut)
+        return add_(self.skip, self.conv3(self.conv2(self.conv1(x))), shortcut, relu=True)
 
 
 def _skip_checks() -> bool:
