@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from zoo.errors import ZooError
-from zoo.train import TrainConfig, TrainResult, fit, init_distributed, resolve_device
+from zoo.train import TrainConfig, TrainResult, config_from_dict, fit, init_distributed, resolve_device
 
 
 def _check_kd(temperature: Any, alpha: Any) -> tuple[float, float]:
@@ -166,14 +166,7 @@ class KDConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "KDConfig":
         """Build from a mapping; unknown keys are rejected with the accepted list."""
-        if not isinstance(d, Mapping):
-            raise ZooError(f"kd config must be a mapping of KDConfig keys, got {type(d).__name__}")
-        accepted = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in accepted]
-        if unknown:
-            raise ZooError(f"unknown kd config key(s) {', '.join(map(repr, unknown))}; accepted: "
-                           + ", ".join(accepted))
-        return cls(**d)
+        return config_from_dict(cls, d, "kd")
 
 
 def load_teacher(spec_or_path: str | os.PathLike | Mapping[str, Any] | nn.Module) -> nn.Module:

@@ -297,6 +297,13 @@ class ZooModel(nn.Module):
         if not ok:
             raise ZooError(f"{name}: expected input of shape {want}; got {shape}")
 
+    def init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
+        """Global average pool, dropout and a linear classifier on `num_features` channels."""
+        self.num_features = num_features
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.classifier = nn.Linear(num_features, num_classes)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -39,6 +39,18 @@ RESUME_FORMAT = 1
 RESUMABLE_CHANGES = ("epochs", "progress", "device")
 
 
+def config_from_dict(cls: type, d: Mapping[str, Any], what: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys with the list of accepted ones."""
+    if not isinstance(d, Mapping):
+        raise ZooError(f"{what} config must be a mapping of {cls.__name__} keys, got {type(d).__name__}")
+    accepted = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in d if k not in accepted]
+    if unknown:
+        raise ZooError(f"unknown {what} config key(s) {', '.join(map(repr, unknown))}; accepted: "
+                       + ", ".join(accepted))
+    return cls(**d)
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of `fit`; validated on construction."""
@@ -107,14 +119,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """Build from a mapping (e.g. a recipe section); unknown keys are rejected with the accepted list."""
-        if not isinstance(d, Mapping):
-            raise ZooError(f"train config must be a mapping of TrainConfig keys, got {type(d).__name__}")
-        accepted = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in d if k not in accepted]
-        if unknown:
-            raise ZooError(f"unknown train config key(s) {', '.join(map(repr, unknown))}; accepted: "
-                           + ", ".join(accepted))
-        return cls(**d)
+        return config_from_dict(cls, d, "train")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields."""

@@ -30,10 +30,7 @@ class MobileNetV1(ZooModel):
             blocks.append(DepthwiseSeparable(prev, ch(c), s, act=act))
             prev = ch(c)
         self.blocks = nn.Sequential(*blocks)  # (N, 1024a, H/32, W/32)
-        self.num_features = prev
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(prev, num_classes)
+        self.init_head(prev, num_classes, drop_rate)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

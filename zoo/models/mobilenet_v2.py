@@ -31,11 +31,9 @@ class MobileNetV2(ZooModel):
                 blocks.append(InvertedResidual(prev, out, s if i == 0 else 1, t))
                 prev = out
         self.blocks = nn.Sequential(*blocks)  # (N, 320, H/32, W/32)
-        self.num_features = make_divisible(1280 * max(1.0, width), 8)
-        self.conv_head = ConvNormAct(prev, self.num_features, 1, act="relu6")  # (N, 1280, H/32, W/32)
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(self.num_features, num_classes)
+        last = make_divisible(1280 * max(1.0, width), 8)
+        self.conv_head = ConvNormAct(prev, last, 1, act="relu6")  # (N, 1280, H/32, W/32)
+        self.init_head(last, num_classes, drop_rate)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,7 @@ class ResNet(ZooModel):
                 prev = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)  # (N, C_last, H/32, W/32) ImageNet; (N, 64, H/4, W/4) CIFAR
-        self.num_features = prev
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(prev, num_classes)
+        self.init_head(prev, num_classes, drop_rate)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

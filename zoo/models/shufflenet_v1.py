@@ -42,10 +42,7 @@ class ShuffleNetV1(ZooModel):
                 prev = out
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32)
-        self.num_features = prev
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(prev, num_classes)
+        self.init_head(prev, num_classes, drop_rate)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

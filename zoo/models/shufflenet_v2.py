@@ -35,10 +35,7 @@ class ShuffleNetV2(ZooModel):
             prev = out
         self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32)
         self.conv_head = ConvNormAct(prev, chs[4], 1)  # (N, 1024, H/32, W/32)
-        self.num_features = chs[4]
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.classifier = nn.Linear(chs[4], num_classes)
+        self.init_head(chs[4], num_classes, drop_rate)
         init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
