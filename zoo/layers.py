@@ -61,9 +61,11 @@ class ConvNormAct(nn.Module):
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
         self.bn = nn.BatchNorm2d(out_chs) if norm else nn.Identity()
         self.act = make_act(act)
+        self.has_act = act is not None  # skip the Identity call when there is no activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        x = self.bn(self.conv(x))
+        return self.act(x) if self.has_act else x
 
 
 class DepthwiseSeparable(nn.Module):
@@ -118,7 +120,7 @@ class Fire(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.squeeze(x)
-        out = self.cat.cat([self.expand1x1(s), self.expand3x3(s)], 1)
+        out = cat_(self.cat, [self.expand1x1(s), self.expand3x3(s)])
         if self.bypass == "simple":
             out = self.skip.add(out, x)
         elif self.bypass_conv is not None:
@@ -136,6 +138,13 @@ def add_(ff: FloatFunctional, out: torch.Tensor, other: torch.Tensor, relu: bool
         out = out.add_(other)
         return out.relu_() if relu else out
     return ff.add_relu(out, other) if relu else ff.add(out, other)
+
+
+def cat_(ff: FloatFunctional, tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """Concatenation through `ff` (int8-convertible); a plain torch.cat while the model is fp32."""
+    if type(ff) is FloatFunctional and isinstance(ff.activation_post_process, nn.Identity):
+        return torch.cat(tensors, dim)
+    return ff.cat(tensors, dim)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -178,7 +187,7 @@ class ShuffleV1Unit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv2(self.dw(self.shuffle(self.conv1(x))))
         if self.stride == 2:
-            out = self.merge.cat([self.pool(x), out], 1)
+            out = cat_(self.merge, [self.pool(x), out])
         else:
             out = self.merge.add(x, out)
         return self.relu(out)
@@ -212,9 +221,9 @@ class ShuffleV2Unit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1:
             x1, x2 = x.chunk(2, dim=1)
-            out = self.cat.cat([x1, self.branch2(x2)], 1)
+            out = cat_(self.cat, [x1, self.branch2(x2)])
         else:
-            out = self.cat.cat([self.branch1(x), self.branch2(x)], 1)
+            out = cat_(self.cat, [self.branch1(x), self.branch2(x)])
         return self.shuffle(out)
 
 
