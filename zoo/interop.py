@@ -218,6 +218,19 @@ def _pick(fn: str, name: str | None, table: dict[str, Any], candidates: list[str
     return candidates
 
 
+def _convert_first(fn: str, lib: str, table: Mapping[str, tuple[str, dict[str, Any]]], candidates: list[str],
+                   module: nn.Module | None, state: Mapping[str, torch.Tensor], check: bool) -> nn.Module:
+    """Convert with the first candidate architecture whose keys and shapes fit the state dict."""
+    for arch in candidates:
+        fit = _fits(lib, arch, state)
+        if fit is None:
+            continue
+        ref = _reference(lib, arch, module, state, *fit)
+        zoo_name, zoo_kwargs = table[arch]
+        return _convert(ref, zoo_name, zoo_kwargs, f"{lib} {arch}", check)
+    raise ZooError(f"{fn}: the tensors do not match {lib} {', '.join(candidates)} (keys or shapes differ)")
+
+
 def from_torchvision(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], name: str | None = None,
                      check: bool = True) -> nn.Module:
     """The zoo model equivalent to a torchvision model or state dict, carrying its weights.
@@ -234,15 +247,7 @@ def from_torchvision(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor]
         candidates = _TV_CLASSES[cls]
     else:
         candidates = _pick(fn, name, TORCHVISION, list(TORCHVISION))
-    for tv_name in candidates:
-        fit = _fits("torchvision", tv_name, state)
-        if fit is None:
-            continue
-        ref = _reference("torchvision", tv_name, module, state, *fit)
-        zoo_name, zoo_kwargs = TORCHVISION[tv_name]
-        return _convert(ref, zoo_name, zoo_kwargs, f"torchvision {tv_name}", check)
-    tried = ", ".join(candidates)
-    raise ZooError(f"{fn}: the tensors do not match torchvision {tried} (keys or shapes differ)")
+    return _convert_first(fn, "torchvision", TORCHVISION, candidates, module, state, check)
 
 
 def from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], name: str | None = None,
@@ -263,11 +268,4 @@ def from_timm(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], name:
         candidates = list(TIMM)
     else:
         candidates = _pick(fn, name, TIMM, [])
-    for arch in candidates:
-        fit = _fits("timm", arch, state)
-        if fit is None:
-            continue
-        ref = _reference("timm", arch, module, state, *fit)
-        zoo_name, zoo_kwargs = TIMM[arch]
-        return _convert(ref, zoo_name, zoo_kwargs, f"timm {arch}", check)
-    raise ZooError(f"{fn}: the tensors do not match timm {', '.join(candidates)} (keys or shapes differ)")
+    return _convert_first(fn, "timm", TIMM, candidates, module, state, check)
