@@ -139,9 +139,25 @@ def test_convert_channels_matches_pil_luminance():
 
 # ---------------------------------------------------------------------------------------------- MNIST
 
-def test_mnist_split_8000_2000(mnist_dir):
+def test_mnist_official_split(mnist_dir):
+    if not (mnist_dir / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST train files not found in {mnist_dir}")
     tr, va, info = get_loaders("mnist", (1, 28, 28), root=str(mnist_dir), batch_size=100)
+    assert (info.num_train, info.num_val, info.title) == (60000, 10000, "MNIST")
+    assert info.split == "official 60,000 train / 10,000 test splits"
+    published = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # train class counts
+    assert np.bincount(tr.dataset.labels.numpy(), minlength=10).tolist() == published
+    assert np.bincount(va.dataset.labels.numpy(), minlength=10).tolist() == [980, 1135, 1032, 1010, 982, 892,
+                                                                             958, 1028, 974, 1009]
+    assert info.mean[0] == pytest.approx(0.1307, abs=2e-3)  # 4,096 evenly spaced training images
+
+
+def test_mnist_split_8000_2000(mnist_dir, tmp_path):
+    for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):  # only the test files
+        (tmp_path / f).symlink_to(mnist_dir / f)
+    tr, va, info = get_loaders("mnist", (1, 28, 28), root=str(tmp_path), batch_size=100)
     assert (info.num_train, info.num_val) == (8000, 2000)
+    assert info.split.startswith("no train files: stratified 8000/2000 split")
     reference = np.array([980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])  # test-split class counts
     val_counts = np.bincount(va.dataset.labels.numpy(), minlength=10)
     train_counts = np.bincount(tr.dataset.labels.numpy(), minlength=10)
@@ -149,7 +165,7 @@ def test_mnist_split_8000_2000(mnist_dir):
     assert np.all(np.abs(val_counts - 0.2 * reference) <= 1)
     x, _ = next(iter(tr))
     assert x.shape == (100, 1, 28, 28)
-    again = get_loaders("mnist", (1, 28, 28), root=str(mnist_dir), seed=5)[1]
+    again = get_loaders("mnist", (1, 28, 28), root=str(tmp_path), seed=5)[1]
     assert torch.equal(again.dataset.labels, va.dataset.labels)
 
 
@@ -180,7 +196,7 @@ def test_mnist_from_generated_idx(tmp_path, monkeypatch):
     _write_idx(tmp_path, "train", 60, gz=True, seed=1)  # with train-* files: official train / test
     monkeypatch.setenv("ZOO_MNIST", str(tmp_path))
     tr, va, info = get_loaders("mnist", (1, 28, 28))
-    assert (info.num_train, info.num_val) == (60, 100) and info.split == "official train / test splits"
+    assert (info.num_train, info.num_val) == (60, 100) and info.split == "official 60 train / 100 test splits"
 
 
 def test_mnist_bad_files(tmp_path):

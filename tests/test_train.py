@@ -165,7 +165,7 @@ class _Crash(Exception):
     pass
 
 
-def _run(out_dir, optimizer, resume=False, crash_at=None):
+def _run(out_dir, optimizer, resume=False, crash_at=None, **aug):
     """Train TinyCNN for 2 epochs; `crash_at` kills the run at that global step (like a lost machine)."""
     torch.manual_seed(0)
     model = TinyCNN()
@@ -178,19 +178,19 @@ def _run(out_dir, optimizer, resume=False, crash_at=None):
             raise _Crash()
         return F.cross_entropy(logits, y, label_smoothing=0.1)
 
-    cfg = _cfg(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 3e-3)
+    cfg = _cfg(optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 3e-3, **aug)
     try:
         return model, fit(model, tr, va, cfg, out_dir=out_dir, resume=resume, loss_fn=loss_fn)
     except _Crash:
         return model, None
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_resume_is_bit_exact(tmp_path, optimizer):
-    full, res_full = _run(tmp_path / "full", optimizer)
-    _, crashed = _run(tmp_path / "cut", optimizer, crash_at=11)  # 8 steps per epoch: dies in epoch 2
+@pytest.mark.parametrize("optimizer,aug", [("sgd", {}), ("adamw", {}), ("sgd", {"crop_padding": 4, "hflip": True})])
+def test_resume_is_bit_exact(tmp_path, optimizer, aug):
+    full, res_full = _run(tmp_path / "full", optimizer, **aug)
+    _, crashed = _run(tmp_path / "cut", optimizer, crash_at=11, **aug)  # 8 steps per epoch: dies in epoch 2
     assert crashed is None and json.loads((tmp_path / "cut" / "last_state.json").read_text())["epoch"] == 1
-    resumed, res = _run(tmp_path / "cut", optimizer, resume=True)
+    resumed, res = _run(tmp_path / "cut", optimizer, resume=True, **aug)
     a, b = full.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert res.final == res_full.final and res.best_top1 == res_full.best_top1

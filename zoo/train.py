@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from zoo.data.augment import augment_batch
 from zoo.errors import ZooError
 from zoo.io import atomic_save, model_spec, state_tensors
 
@@ -71,6 +72,8 @@ class TrainConfig:
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only (ignored on CPU)
     seed: int = 0  # seeds torch, numpy and random at the start; shuffling depends on (seed, epoch)
     grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
+    crop_padding: int = 0  # random crop after reflect-padding this many pixels (CIFAR: 4; 0: off)
+    hflip: bool = False  # random horizontal flip with probability 0.5 (see zoo.data.augment)
     progress: bool = True  # tqdm bar per epoch (on a terminal, rank 0) and one summary line per epoch
     device: str = "auto"  # "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"
 
@@ -78,7 +81,7 @@ class TrainConfig:
         def bad(name: str, allowed: str) -> ZooError:
             return ZooError(f"TrainConfig: {name}={getattr(self, name)!r} is not allowed; expected {allowed}")
 
-        for name, lo in (("epochs", 1), ("batch_size", 1), ("step_size", 1), ("seed", 0)):
+        for name, lo in (("epochs", 1), ("batch_size", 1), ("step_size", 1), ("seed", 0), ("crop_padding", 0)):
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
@@ -101,7 +104,7 @@ class TrainConfig:
         for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("nesterov", "channels_last", "amp", "progress"):
+        for name in ("nesterov", "channels_last", "amp", "progress", "hflip"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
         if self.grad_clip is not None:
@@ -505,6 +508,7 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = augment_batch(x, cfg.crop_padding, cfg.hflip, cfg.seed, step, rank)
             if cfg.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
@@ -592,7 +596,7 @@ _CLI_CONFIG = (  # (flag, TrainConfig field, type)
     ("--optimizer", "optimizer", str), ("--schedule", "schedule", str), ("--warmup-epochs", "warmup_epochs", float),
     ("--weight-decay", "weight_decay", float), ("--momentum", "momentum", float),
     ("--label-smoothing", "label_smoothing", float), ("--grad-clip", "grad_clip", float),
-    ("--seed", "seed", int), ("--device", "device", str),
+    ("--seed", "seed", int), ("--device", "device", str), ("--crop-padding", "crop_padding", int),
 )
 
 
@@ -606,6 +610,8 @@ def _cmd_train(args: Any) -> int:
         overrides["progress"] = False
     if args.channels_last:
         overrides["channels_last"] = True
+    if args.hflip:
+        overrides["hflip"] = True
     cfg = TrainConfig.from_dict(overrides)
     kwargs = model_kwargs_from_args(args)
     input_size = model_card(args.name).input_size(resolve_kwargs(args.name, **kwargs))
@@ -655,6 +661,7 @@ def add_commands(subparsers: Any) -> None:
         default = TrainConfig.__dataclass_fields__[key].default
         p.add_argument(flag, dest=key, type=typ, default=None, help=f"TrainConfig.{key} (default {default!r})")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips (TrainConfig.hflip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--out", default=None, help="run folder (default runs/train-MODEL-DATA)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -1,4 +1,5 @@
-"""Datasets and loaders of the zoo: digits (embedded), MNIST, CIFAR-10/100 and custom image folders.
+"""Datasets and loaders of the zoo: digits (embedded), MNIST, Fashion-MNIST, CIFAR-10 (lossless or the
+JPEG q75 copy), CIFAR-100 and custom image folders.
 
 `get_loaders(name, input_size)` returns deterministic train/val DataLoaders whose images are resized
 to the model's (H, W), converted to its channel count and normalised with the training split's
@@ -18,15 +19,17 @@ from zoo.data.common import (ArrayDataset, DatasetInfo, EpochSampler, ImageTrans
                              convert_channels, seed_worker, stratified_split, stratified_subset)
 from zoo.data.imagefolder import (ImageFileDataset, folder_stats, load_image, scan_imagefolder,
                                   verify_imagefolder)
-from zoo.data.sources import ArraySource, load_cifar_source, load_digits_source, load_mnist_source
+from zoo.data.sources import ArraySource, load_cifar_source, load_digits_source, load_idx_source
 
 __all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "convert_channels", "get_loaders", "load_image",
            "make_loaders", "stratified_split", "verify_imagefolder"]
 
 DATASETS: dict[str, str] = {
     "digits": "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)",
-    "mnist": "MNIST IDX files (root, $ZOO_MNIST or ../shared/data/mnist)",
-    "cifar10": "CIFAR-10 via torchvision (root, $ZOO_CIFAR10 or ../shared/data/cifar10)",
+    "mnist": "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or ../shared/data/mnist)",
+    "fashion_mnist": "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or ../shared/data/fashion_mnist)",
+    "cifar10": "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 copy's "
+               "train.npz/test.npz (root, $ZOO_CIFAR10 or ../shared/data/cifar10)",
     "cifar100": "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or ../shared/data/cifar100)",
     "imagefolder": "your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*",
 }
@@ -54,7 +57,7 @@ def _subset_source(src: ArraySource) -> ArraySource:
     tr, va = stratified_subset(src.train_y, QUICK_TRAIN), stratified_subset(src.val_y, QUICK_VAL)
     return ArraySource(src.train_x[torch.from_numpy(tr)], src.train_y[tr], src.val_x[torch.from_numpy(va)],
                        src.val_y[va], src.scale, src.class_names, src.split + f", quick subset {len(tr)}/{len(va)}",
-                       src.root)
+                       src.root, src.title)
 
 
 def _array_datasets(src: ArraySource, input_size, quick: bool) -> tuple[Dataset, Dataset, tuple, tuple, ArraySource]:
@@ -119,17 +122,18 @@ def get_loaders(name: str, input_size: tuple[int, int, int], batch_size: int = 6
             split += f", quick subset {len(tr)}/{len(va)}"
         t = ImageTransform(input_size, mean, std)
         train, val = ImageFileDataset(train_items, t), ImageFileDataset(val_items, t)
-        classes, folder = src.class_names, src.root
+        classes, folder, title = src.class_names, src.root, f"image folder {src.root}"
     else:
         if name == "digits":
             asrc = load_digits_source(val_fraction)
-        elif name == "mnist":
-            asrc = load_mnist_source(root, val_fraction)
+        elif name in ("mnist", "fashion_mnist"):
+            asrc = load_idx_source(name, root, val_fraction)
         else:
             asrc = load_cifar_source(name, root, download)
         train, val, mean, std, asrc = _array_datasets(asrc, input_size, quick)
-        classes, split, folder = asrc.class_names, asrc.split, asrc.root
+        classes, split, folder, title = asrc.class_names, asrc.split, asrc.root, asrc.title
     train_loader, val_loader = make_loaders(train, val, batch_size, seed, num_workers, distributed)
     info = DatasetInfo(name=name, num_classes=len(classes), class_names=list(classes), mean=mean, std=std,
-                       input_size=input_size, num_train=len(train), num_val=len(val), split=split, root=folder)
+                       input_size=input_size, num_train=len(train), num_val=len(val), split=split, root=folder,
+                       title=title)
     return train_loader, val_loader, info

@@ -38,6 +38,7 @@ class DatasetInfo:
     num_val: int
     split: str = ""  # how train/val were made
     root: str | None = None  # folder the data was read from (None for embedded data)
+    title: str = ""  # the dataset as tables name it, e.g. "CIFAR-10 (JPEG q75 copy)"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of the fields."""

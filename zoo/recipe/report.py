@@ -190,7 +190,8 @@ def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int
         "quick": run.quick, "seeds": list(seeds), "columns": recipe.columns,
         "dataset": {"name": info.name, "input_size": list(recipe.input_size), "num_train": info.num_train,
                     "num_val": info.num_val, "num_classes": info.num_classes,
-                    "val_fraction": recipe.dataset["val_fraction"], "split": getattr(info, "split", "")},
+                    "val_fraction": recipe.dataset["val_fraction"], "split": getattr(info, "split", ""),
+                    "title": getattr(info, "title", "") or info.name},
         "latency": {**recipe.latency, "repeats": "median of 20 after 3 warm-up"},
         "tolerance": recipe.tolerance, "environment": {**environment(), "train_threads": _threads(records)},
         "timing": {"stage_total_s": round(stage_time, 1), "this_run_wall_s": round(wall_s, 1)},
@@ -241,7 +242,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines = [f"# Recipe `{res['recipe']}`" + (" — QUICK RUN (smoke test, not a result)" if res["quick"] else ""), ""]
     if res.get("description"):
         lines += [res["description"].strip(), ""]
-    lines.append(f"Dataset `{ds['name']}`, input {'x'.join(map(str, ds['input_size']))}, {ds['num_train']:,} "
+    lines.append(f"Dataset {ds.get('title') or ds['name']} (`{ds['name']}`), input {'x'.join(map(str, ds['input_size']))}, {ds['num_train']:,} "
                  f"training / {ds['num_val']:,} held-out images ({ds.get('split') or 'fixed split'}); top-1 of the "
                  f"final model on the held-out images (one image is {100 / ds['num_val']:.2f} points)"
                  + (f", mean ± std over {n} seeds ({', '.join(map(str, res['seeds']))})." if n > 1
@@ -317,7 +318,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("MACs per image (millions, log scale)")
     ax.set_ylabel("top-1 on held-out images (%)")
-    title = f"{res['recipe']}: {res['dataset']['name']} {'x'.join(map(str, res['dataset']['input_size']))}"
+    title = f"{res['recipe']}: {res['dataset'].get('title') or res['dataset']['name']} {'x'.join(map(str, res['dataset']['input_size']))}"
     ax.set_title(title + (" (quick run)" if res["quick"] else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
