@@ -107,7 +107,7 @@ class Reference:
 
     kwargs: dict  # the configuration, e.g. {"width": 0.5}
     source: str  # where the number comes from, e.g. "Howard et al. 2017, Table 6"
-    params: int | None = None  # reference parameter count (1000 classes, 3 channels)
+    params: int | None = None  # reference parameter count (1000 classes, 3 channels unless kwargs say otherwise)
     params_tol: int = 0  # absolute tolerance on params
     macs: int | None = None  # reference multiply-accumulates at the default input size
     macs_rtol: float = 0.01  # relative tolerance on MACs
@@ -127,11 +127,18 @@ class ModelCard:
     default_resolution: int = 224  # input side when the model has no `resolution` kwarg
     min_resolution: int = 32  # smallest input side the network accepts
     fixed_resolution: bool = False  # True for MLP/LeNet heads that need exactly one input size
+    # (kwarg, value, side): the default input side when that kwarg has that value, e.g. ("stem", "cifar", 32);
+    # it replaces default_resolution, and the `resolution` kwarg's default when the caller gives none
+    resolution_by: tuple[tuple[str, Any, int], ...] = ()
     description: str = ""
+
+    def resolution_for(self, kwargs: dict) -> int | None:
+        """The default input side the first matching `resolution_by` entry gives these kwargs, or None."""
+        return next((side for key, value, side in self.resolution_by if kwargs.get(key) == value), None)
 
     def input_size(self, kwargs: dict) -> tuple[int, int, int]:
         """Default (C, H, W) input size for the given resolved kwargs."""
-        res = kwargs.get("resolution", self.default_resolution)
+        res = kwargs.get("resolution") or self.resolution_for(kwargs) or self.default_resolution
         return (kwargs.get("in_chans", 3), res, res)
 
 
@@ -213,6 +220,9 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     out = {}
     for k, spec in entry.all_args.items():
         out[k] = spec.validate(name, k, kwargs[k]) if k in kwargs else spec.default
+    side = entry.card.resolution_for(out)  # e.g. stem="cifar" defaults to 32 px
+    if side is not None and "resolution" in out and "resolution" not in kwargs:
+        out["resolution"] = side
     return out
 
 

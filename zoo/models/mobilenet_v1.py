@@ -1,5 +1,9 @@
 """MobileNet v1: Howard et al. 2017, "MobileNets: Efficient Convolutional Neural Networks for Mobile
 Vision Applications" (arXiv:1704.04861). Width multiplier alpha and resolution multiplier rho.
+
+`stem="cifar"` (32 px inputs) makes the stem conv stride 1 instead of 2, as in the usual CIFAR
+MobileNet (e.g. kuangliu/pytorch-cifar): the network downsamples 16x, so 32 px ends at 2x2 instead of
+1x1. Parameters are unchanged; the default input side becomes 32.
 """
 
 from __future__ import annotations
@@ -15,21 +19,23 @@ CFG: tuple[tuple[int, int], ...] = (
     (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
     (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
 )
+# Stride of the 3x3 stem conv per `stem`: the paper's 2, or 1 for 32 px CIFAR inputs.
+STEM_STRIDE: dict[str, int] = {"imagenet": 2, "cifar": 1}
 
 
 class MobileNetV1(ZooModel):
     """MobileNet v1 with a width multiplier applied to every layer, stem and last layer included."""
 
     def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 act: str = "relu"):
+                 act: str = "relu", stem: str = "imagenet"):
         super().__init__(in_chans, min_input_size=32)
         ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
-        self.stem = ConvNormAct(in_chans, ch(32), 3, 2, act=act)  # (N, 32a, H/2, W/2)
+        self.stem = ConvNormAct(in_chans, ch(32), 3, STEM_STRIDE[stem], act=act)  # (N, 32a, H/2, W/2) ImageNet
         blocks, prev = [], ch(32)
         for c, s in CFG:
             blocks.append(DepthwiseSeparable(prev, ch(c), s, act=act))
             prev = ch(c)
-        self.blocks = nn.Sequential(*blocks)  # (N, 1024a, H/32, W/32)
+        self.blocks = nn.Sequential(*blocks)  # (N, 1024a, H/32, W/32) ImageNet; (N, 1024a, H/16, W/16) CIFAR
         self.init_head(prev, num_classes, drop_rate)
         init_weights(self)
 
@@ -50,6 +56,7 @@ CARD = ModelCard(
         "resolution": Arg(int, 224, min=32, max=1024, doc="default input side (resolution multiplier)"),
         "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
         "act": Arg(str, "relu", choices=("relu", "relu6"), doc="activation: the paper's ReLU, or timm's ReLU6"),
+        "stem": Arg(str, "imagenet", choices=tuple(STEM_STRIDE), doc="'cifar': stride-1 stem for 32 px inputs"),
     },
     references=(
         Reference({"width": 1.0}, _T6, params=4_200_000, params_tol=50_000, macs=569_000_000, label="1.0 MobileNet-224"),
@@ -60,12 +67,14 @@ CARD = ModelCard(
         Reference({"resolution": 160}, _T7, params=4_200_000, params_tol=50_000, macs=290_000_000, label="1.0 MobileNet-160"),
         Reference({"resolution": 128}, _T7, params=4_200_000, params_tol=50_000, macs=186_000_000, label="1.0 MobileNet-128"),
     ),
+    resolution_by=(("stem", "cifar", 32),),
     description="Depthwise-separable convolutions; width and resolution multipliers.",
 )
 
 
 @register_model(CARD)
 def mobilenet_v1(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, act: str = "relu") -> MobileNetV1:
-    """MobileNet v1 (Howard et al. 2017); `resolution` sets the default input size."""
-    return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, act=act)
+                 drop_rate: float = 0.0, act: str = "relu", stem: str = "imagenet") -> MobileNetV1:
+    """MobileNet v1 (Howard et al. 2017); `resolution` sets the default input size, `stem` the stem stride."""
+    return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, act=act,
+                       stem=stem)

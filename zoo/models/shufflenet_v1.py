@@ -1,5 +1,10 @@
 """ShuffleNet v1: Zhang et al. 2017, "ShuffleNet: An Extremely Efficient Convolutional Neural Network for
 Mobile Devices" (CVPR 2018, arXiv:1707.01083). Pointwise group convolutions with channel shuffle.
+
+`stem="cifar"` (32 px inputs; no published table) makes the stem conv stride 1 and drops the stem
+max-pool, as ShuffleNet v2's CIFAR stem in chenyaofo/pytorch-cifar-models and the usual CIFAR
+ShuffleNet (e.g. kuangliu/pytorch-cifar): the network downsamples 8x, so 32 px ends at 4x4 instead
+of 1x1. Parameters are unchanged; the default input side becomes 32.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
 }
 REPEATS = (4, 8, 4)
 STEM = 24
+STEMS = ("imagenet", "cifar")  # cifar: stride-1 stem conv and no stem max-pool
 
 
 class ShuffleNetV1(ZooModel):
@@ -27,10 +33,11 @@ class ShuffleNetV1(ZooModel):
     """
 
     def __init__(self, groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, stem: str = "imagenet"):
         super().__init__(in_chans, min_input_size=32)
-        self.stem = ConvNormAct(in_chans, STEM, 3, 2)  # (N, 24, H/2, W/2)
-        self.stem_pool = nn.MaxPool2d(3, 2, 1)  # (N, 24, H/4, W/4)
+        imagenet = stem == "imagenet"
+        self.stem = ConvNormAct(in_chans, STEM, 3, 2 if imagenet else 1)  # (N, 24, H/2, W/2) ImageNet
+        self.stem_pool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()  # (N, 24, H/4, W/4) ImageNet
         stages, prev = [], STEM
         for si, (c, n) in enumerate(zip(STAGE_CHANNELS[groups], REPEATS)):
             out = make_divisible(c * width, 4 * groups)
@@ -41,7 +48,7 @@ class ShuffleNetV1(ZooModel):
                 units.append(ShuffleV1Unit(prev, out, out // 4, groups, 2 if i == 0 else 1, first_groups))
                 prev = out
             stages.append(nn.Sequential(*units))
-        self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32)
+        self.stages = nn.Sequential(*stages)  # (N, C4, H/32, W/32) ImageNet; (N, C4, H/8, W/8) CIFAR
         self.init_head(prev, num_classes, drop_rate)
         init_weights(self)
 
@@ -60,18 +67,20 @@ CARD = ModelCard(
         "groups": Arg(int, 3, choices=(1, 2, 3, 4, 8), doc="groups of the pointwise convolutions"),
         "width": Arg(float, 1.0, choices=(0.25, 0.5, 1.0, 1.5, 2.0), doc="width multiplier s"),
         "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
+        "stem": Arg(str, "imagenet", choices=STEMS, doc="'cifar': stride-1 stem, no max-pool, for 32 px inputs"),
     },
     references=tuple(
         Reference({"groups": g}, _SRC, macs=140_000_000, macs_rtol=0.05, label=f"ShuffleNet 1x (g={g})")
         for g in (1, 2, 3, 4, 8)
     ),
+    resolution_by=(("stem", "cifar", 32),),
     description="Pointwise group convolutions and channel shuffle.",
 )
 
 
 @register_model(CARD)
 def shufflenet_v1(groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.0) -> ShuffleNetV1:
-    """ShuffleNet v1 (Zhang et al. 2017) with `groups` in {1,2,3,4,8} and width in {0.25,...,2.0}."""
+                  drop_rate: float = 0.0, stem: str = "imagenet") -> ShuffleNetV1:
+    """ShuffleNet v1 (Zhang et al. 2017) with `groups` in {1,2,3,4,8}, width in {0.25,...,2.0} and a stem."""
     return ShuffleNetV1(groups=groups, width=width, num_classes=num_classes, in_chans=in_chans,
-                        drop_rate=drop_rate)
+                        drop_rate=drop_rate, stem=stem)

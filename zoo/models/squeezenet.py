@@ -1,6 +1,11 @@
 """SqueezeNet: Iandola et al. 2016, "SqueezeNet: AlexNet-level accuracy with 50x fewer parameters and
 <0.5MB model size" (arXiv:1602.07360). Versions 1.0 and 1.1, with the paper's simple and complex
 bypass variants (section 6).
+
+`stem="cifar"` (32 px inputs; no published table) gives the stem conv stride 1 and "same" padding
+(kernel unchanged: 7x7 for 1.0, 3x3 for 1.1) and keeps the three 3x3/2 max-pools, as the usual CIFAR
+SqueezeNet (e.g. weiaicunzai/pytorch-cifar100): the network downsamples 8x, so 32 px ends at 4x4
+instead of 1x1. Parameters are unchanged; the default input side becomes 32.
 """
 
 from __future__ import annotations
@@ -18,19 +23,23 @@ FIRES: tuple[tuple[int, int, int], ...] = (
 )
 # Where the 3x3/2 max-pools sit: after the stem and after these fire indices (0 = fire2).
 POOL_AFTER = {"1_0": (2, 6), "1_1": (1, 3)}
+# Stem conv (stride, padding) per `stem`: the paper's unpadded stride 2, or stride 1 with "same" padding.
+STEM_CONV: dict[str, tuple[int, int | None]] = {"imagenet": (2, 0), "cifar": (1, None)}
 
 
 class SqueezeNet(ZooModel):
     """SqueezeNet 1.0/1.1 with a conv classifier (dropout, 1x1 conv, ReLU, global average pool)."""
 
     def __init__(self, version: str = "1_0", bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.5):
+                 drop_rate: float = 0.5, stem: str = "imagenet"):
         super().__init__(in_chans, min_input_size=32)
+        stride, pad = STEM_CONV[stem]
+        # ImageNet: (N, C, (H-k)/2+1, .); CIFAR: (N, C, H, W)
         if version == "1_0":
-            self.stem = ConvNormAct(in_chans, 96, 7, 2, norm=False, padding=0)  # (N, 96, (H-7)/2+1, .)
+            self.stem = ConvNormAct(in_chans, 96, 7, stride, norm=False, padding=pad)  # C = 96, k = 7
             prev = 96
         else:
-            self.stem = ConvNormAct(in_chans, 64, 3, 2, norm=False, padding=0)  # (N, 64, (H-3)/2+1, .)
+            self.stem = ConvNormAct(in_chans, 64, 3, stride, norm=False, padding=pad)  # C = 64, k = 3
             prev = 64
         layers: list[nn.Module] = [nn.MaxPool2d(3, 2, ceil_mode=True)]
         for i, (s, e1, e3) in enumerate(FIRES):
@@ -44,7 +53,7 @@ class SqueezeNet(ZooModel):
             prev = out
             if i in POOL_AFTER[version]:
                 layers.append(nn.MaxPool2d(3, 2, ceil_mode=True))
-        self.features = nn.Sequential(*layers)  # (N, 512, ~H/16, ~W/16)
+        self.features = nn.Sequential(*layers)  # (N, 512, ~H/16, ~W/16) ImageNet; (N, 512, H/8, W/8) CIFAR
         self.num_features = prev
         self.head_drop = nn.Dropout(drop_rate)
         self.classifier = nn.Conv2d(prev, num_classes, 1)  # (N, classes, h, w)
@@ -81,6 +90,7 @@ _PAPER = "Iandola et al. 2016, SqueezeNet: AlexNet-level accuracy with 50x fewer
 _ARGS = {
     "bypass": Arg(str, "none", choices=("none", "simple", "complex"), doc="bypass connections (paper section 6)"),
     "drop_rate": Arg(float, 0.5, min=0.0, max=0.99, doc="dropout before the classifier"),
+    "stem": Arg(str, "imagenet", choices=tuple(STEM_CONV), doc="'cifar': stride-1 padded stem for 32 px inputs"),
 }
 
 
@@ -93,20 +103,20 @@ def _card(name: str, params: int, macs: int, note: str) -> ModelCard:
             Reference({"bypass": "simple"}, "Iandola et al. 2016, section 6: simple bypass adds no params",
                       params=params, label=f"{name} simple bypass"),
         ),
-        description=note,
+        resolution_by=(("stem", "cifar", 32),), description=note,
     )
 
 
 @register_model(_card("squeezenet1_0", 1_248_424, 819_000_000, "SqueezeNet 1.0: 7x7 stem, Fire modules."))
 def squeezenet1_0(bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.5) -> SqueezeNet:
+                  drop_rate: float = 0.5, stem: str = "imagenet") -> SqueezeNet:
     """SqueezeNet 1.0 (Iandola et al. 2016)."""
-    return SqueezeNet("1_0", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return SqueezeNet("1_0", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)
 
 
 @register_model(_card("squeezenet1_1", 1_235_496, 349_000_000,
                       "SqueezeNet 1.1: 3x3 stem and earlier pooling, 2.4x fewer MACs than 1.0."))
 def squeezenet1_1(bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.5) -> SqueezeNet:
+                  drop_rate: float = 0.5, stem: str = "imagenet") -> SqueezeNet:
     """SqueezeNet 1.1 (the SqueezeNet repository's v1.1 architecture)."""
-    return SqueezeNet("1_1", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return SqueezeNet("1_1", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)
