@@ -166,3 +166,40 @@ def test_augment_bad_values():
         TrainConfig(crop_padding=-1)
     with pytest.raises(ZooError, match=r"TrainConfig: hflip='yes' is not allowed; expected True or False"):
         TrainConfig(hflip="yes")
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+def test_explicit_normalisation_overrides_the_dataset_statistics():
+    from zoo.data import IMAGENET_MEAN, IMAGENET_STD
+
+    _, va, info = get_loaders("digits", (3, 16, 16), mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    assert info.mean == IMAGENET_MEAN and info.std == IMAGENET_STD
+    x, _ = va.dataset[0]
+    _, va0, info0 = get_loaders("digits", (3, 16, 16))
+    raw = va0.dataset[0][0] * torch.tensor(info0.std).view(3, 1, 1) + torch.tensor(info0.mean).view(3, 1, 1)
+    expected = (raw - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(x, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean,std,message", [
+    ((0.5,), (0.2, 0.2, 0.2), r"mean=\(0.5,\) is not allowed; expected 3 finite numbers"),
+    ((0.5, 0.5, 0.5), None, r"std=None is not allowed; expected 3 finite numbers"),
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), r"std=\(0.2, 0.0, 0.2\) is not allowed; every value must be > 0"),
+])
+def test_bad_normalisation(mean, std, message):
+    with pytest.raises(ZooError, match=message):
+        get_loaders("digits", (3, 16, 16), mean=mean, std=std)
+
+
+def test_recipe_normalize_key():
+    from zoo.recipe.schema import RecipeError, validate_recipe
+
+    base = {"dataset": {"name": "digits", "input_size": [3, 32, 32]},
+            "stages": {"a": {"type": "train", "model": "mobilenet_v1", "kwargs": {"width": 0.25}}}}
+    r = validate_recipe({**base, "dataset": {**base["dataset"], "normalize": "imagenet"}}, Path("r.yaml"))
+    assert r.dataset["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert validate_recipe(base, Path("r.yaml")).dataset["normalize"] == "dataset"
+    with pytest.raises(RecipeError, match=r"dataset.normalize.std: expected 3 numbers > 0"):
+        validate_recipe({**base, "dataset": {**base["dataset"], "normalize": {"mean": [0, 0, 0], "std": [1, 0, 1]}}},
+                        Path("r.yaml"))

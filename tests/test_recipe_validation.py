@@ -86,7 +86,7 @@ def test_base_recipe_validates_in_dependency_order(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("recipe,key,fragments", [
     (_mut(epochs=3), "epochs", ["unknown key", "allowed: name, description, dataset"]),
-    (_mut(dataset__name="svhn"), "dataset.name", ["'svhn'", "digits, mnist, cifar10"]),
+    (_mut(dataset__name="svhn"), "dataset.name", ["'svhn'", "digits, mnist, fashion_mnist, cifar10"]),
     (_mut(dataset__size=[1, 32, 32]), "dataset.size", ["unknown key", "input_size"]),
     (_mut(stages__teacher__epochs=3), "stages.teacher.epochs", ["unknown key", "train", "from"]),
     (_mut(stages__teacher__type="prune_it"), "stages.teacher.type", ["'prune_it'", "train, distill"]),

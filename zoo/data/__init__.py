@@ -8,7 +8,9 @@ mean/std, plus a `DatasetInfo`. Shuffling depends only on (seed, epoch) (see `Ep
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from zoo.data.imagefolder import (ImageFileDataset, folder_stats, load_image, sc
                                   verify_imagefolder)
 from zoo.data.sources import ArraySource, load_cifar_source, load_digits_source, load_idx_source
 
-__all__ = ["DATASETS", "DatasetInfo", "EpochSampler", "convert_channels", "get_loaders", "load_image",
+__all__ = ["DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "EpochSampler", "convert_channels", "get_loaders", "load_image",
            "make_loaders", "stratified_split", "verify_imagefolder"]
 
 DATASETS: dict[str, str] = {
@@ -53,6 +55,23 @@ def _check_args(name, input_size, batch_size, seed, num_workers, val_fraction) -
     return tuple(int(v) for v in input_size)
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet models
+
+
+def _check_norm(mean: Sequence[float] | None, std: Sequence[float] | None, channels: int) -> tuple | None:
+    if mean is None and std is None:
+        return None
+    for key, v in (("mean", mean), ("std", std)):
+        ok = isinstance(v, (tuple, list)) and len(v) == channels and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+        if not ok:
+            raise ZooError(f"{key}={v!r} is not allowed; expected {channels} finite numbers (one per channel), "
+                           "given together with the other of mean/std")
+    if min(std) <= 0:
+        raise ZooError(f"std={std!r} is not allowed; every value must be > 0")
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
 def _subset_source(src: ArraySource) -> ArraySource:
     tr, va = stratified_subset(src.train_y, QUICK_TRAIN), stratified_subset(src.val_y, QUICK_VAL)
     return ArraySource(src.train_x[torch.from_numpy(tr)], src.train_y[tr], src.val_x[torch.from_numpy(va)],
@@ -60,8 +79,9 @@ def _subset_source(src: ArraySource) -> ArraySource:
                        src.root, src.title)
 
 
-def _array_datasets(src: ArraySource, input_size, quick: bool) -> tuple[Dataset, Dataset, tuple, tuple, ArraySource]:
-    mean, std = channel_stats(src.train_x, src.scale, input_size)  # on the full training split
+def _array_datasets(src: ArraySource, input_size, quick: bool, norm: tuple | None
+                    ) -> tuple[Dataset, Dataset, tuple, tuple, ArraySource]:
+    mean, std = norm or channel_stats(src.train_x, src.scale, input_size)  # on the full training split
     if quick:
         src = _subset_source(src)
     t = ImageTransform(input_size, mean, std)
@@ -100,21 +120,25 @@ def make_loaders(train: Dataset, val: Dataset, batch_size: int, seed: int = 0, n
 
 def get_loaders(name: str, input_size: tuple[int, int, int], batch_size: int = 64, root: str | None = None,
                 seed: int = 0, quick: bool = False, num_workers: int = 0, val_fraction: float = 0.2,
-                distributed: bool = False, download: bool = True, verify: bool = False
+                distributed: bool = False, download: bool = True, verify: bool = False,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None
                 ) -> tuple[DataLoader, DataLoader, DatasetInfo]:
     """Deterministic (train, val) loaders and a DatasetInfo for a dataset, at the model's input size.
 
     Splits are fixed (seed-independent); `seed` only drives shuffling. `quick` keeps class-balanced
     subsets of QUICK_TRAIN / QUICK_VAL images. `download` lets CIFAR fetch missing data; `verify`
-    decodes every image of an imagefolder dataset up front.
+    decodes every image of an imagefolder dataset up front. Images are normalised with the training
+    split's per-channel mean/std (as delivered: resized, channel-converted), unless `mean` and `std`
+    are given, e.g. IMAGENET_MEAN / IMAGENET_STD for models pretrained with those.
     """
     input_size = _check_args(name, input_size, batch_size, seed, num_workers, val_fraction)
+    norm = _check_norm(mean, std, input_size[0])
     if name == "imagefolder":
         src = scan_imagefolder(root, val_fraction)
         if verify:
             verify_imagefolder(root, val_fraction)
         train_items, val_items, split = src.train, src.val, src.split
-        mean, std = folder_stats(train_items, input_size)
+        mean, std = norm or folder_stats(train_items, input_size)
         if quick:
             tr = stratified_subset(np.array([y for _, y in train_items]), QUICK_TRAIN)
             va = stratified_subset(np.array([y for _, y in val_items]), QUICK_VAL)
@@ -130,7 +154,7 @@ def get_loaders(name: str, input_size: tuple[int, int, int], batch_size: int = 6
             asrc = load_idx_source(name, root, val_fraction)
         else:
             asrc = load_cifar_source(name, root, download)
-        train, val, mean, std, asrc = _array_datasets(asrc, input_size, quick)
+        train, val, mean, std, asrc = _array_datasets(asrc, input_size, quick, norm)
         classes, split, folder, title = asrc.class_names, asrc.split, asrc.root, asrc.title
     train_loader, val_loader = make_loaders(train, val, batch_size, seed, num_workers, distributed)
     info = DatasetInfo(name=name, num_classes=len(classes), class_names=list(classes), mean=mean, std=std,

@@ -93,7 +93,8 @@ class Run:
             self._loaders = {k: v for k, v in self._loaders.items() if k[1] == seed}  # keep memory bounded
             self._loaders[key] = get_loaders(
                 d["name"], tuple(d["input_size"]), batch_size=batch_size, root=d["root"], seed=seed,
-                quick=self.quick, num_workers=d["num_workers"], val_fraction=d["val_fraction"])
+                quick=self.quick, num_workers=d["num_workers"], val_fraction=d["val_fraction"],
+                **(d["normalize"] if isinstance(d["normalize"], dict) else {}))
             self.info = self._loaders[key][2]
             self.dataset["num_classes"] = self.info.num_classes
         return self._loaders[key]
@@ -128,7 +129,8 @@ class Run:
                 "kwargs": fill_kwargs(spec.model, spec.kwargs, d), "from": spec.source, "options": opts,
                 "seed": eff, "quick": self.quick,
                 "dataset": {**{k: d[k] for k in ("name", "input_size", "val_fraction")},
-                            **{k: getattr(self.info, k) for k in ("num_train", "num_val", "num_classes")}},
+                            **{k: getattr(self.info, k) for k in ("num_train", "num_val", "num_classes")},
+                            **({"normalize": d["normalize"]} if d["normalize"] != "dataset" else {})},
                 "deps": {dep: self.stage_hash(dep, seed) for dep in spec.deps},
                 "files": {k: _file_sha(f) for k, f in spec.files.items()},
             }

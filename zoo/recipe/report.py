@@ -242,7 +242,8 @@ def render_markdown(res: dict[str, Any]) -> str:
     lines = [f"# Recipe `{res['recipe']}`" + (" — QUICK RUN (smoke test, not a result)" if res["quick"] else ""), ""]
     if res.get("description"):
         lines += [res["description"].strip(), ""]
-    lines.append(f"Dataset {ds.get('title') or ds['name']} (`{ds['name']}`), input {'x'.join(map(str, ds['input_size']))}, {ds['num_train']:,} "
+    named = f"{ds['title']} (`{ds['name']}`)" if ds.get("title") else f"`{ds['name']}`"
+    lines.append(f"Dataset {named}, input {'x'.join(map(str, ds['input_size']))}, {ds['num_train']:,} "
                  f"training / {ds['num_val']:,} held-out images ({ds.get('split') or 'fixed split'}); top-1 of the "
                  f"final model on the held-out images (one image is {100 / ds['num_val']:.2f} points)"
                  + (f", mean ± std over {n} seeds ({', '.join(map(str, res['seeds']))})." if n > 1

@@ -17,9 +17,10 @@ from typing import Any, Callable
 import yaml
 
 from zoo._registry import model_args, model_card
+from zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from zoo.errors import ZooError
 
-DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
+DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
@@ -63,9 +64,12 @@ class Checker:
             "int_list": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
                                                          for v in value),
             "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "float_list": isinstance(value, list) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) for v in value),
         }[kind]
         if not ok:
-            want = {"int_list": "a list of ints", "str_list": "a list of strings", "float": "a number"}.get(kind, kind)
+            want = {"int_list": "a list of ints", "str_list": "a list of strings", "float": "a number",
+                    "float_list": "a list of numbers"}.get(kind, kind)
             hint = ""
             if kind == "float" and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
                 hint = f" (YAML reads {value} as a string; write it with a dot and a signed exponent, e.g. 1.0e-4)"
@@ -213,6 +217,8 @@ DATASET_KEYS = {
     "root": "data folder (relative paths are relative to the recipe file)",
     "val_fraction": "held-out fraction in (0, 1)",
     "num_workers": "DataLoader workers",
+    "normalize": "'dataset' (the training split's mean/std, default), 'imagenet' (torchvision's ImageNet "
+                 "mean/std, for models pretrained with it) or {mean: [...], std: [...]}",
 }
 ROW_KEYS = {"stage": "stage name", "label": "row label (default: model and kwargs)",
             "reference": "published numbers: {top1, errors_per_10k, source}; null values mean absent"}
@@ -302,6 +308,21 @@ def _positive_int(chk: Checker, v: Any, path: str) -> int:
     return v
 
 
+def _normalize(chk: Checker, v: Any, channels: int) -> Any:
+    """'dataset', or {mean, std} lists (one finite number per channel, std > 0); 'imagenet' expands."""
+    if v == "imagenet":
+        v = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    if v == "dataset":
+        return v
+    if not isinstance(v, dict) or set(v) != {"mean", "std"}:
+        raise chk.fail("dataset.normalize", "expected 'dataset', 'imagenet' or a mapping {mean: [...], std: [...]}")
+    for key in ("mean", "std"):
+        vals = chk.typed(v[key], f"dataset.normalize.{key}", "float_list")
+        if len(vals) != channels or (key == "std" and min(vals) <= 0):
+            raise chk.fail(f"dataset.normalize.{key}", f"expected {channels} numbers" + (" > 0" if key == "std" else ""))
+    return {"mean": [float(x) for x in v["mean"]], "std": [float(x) for x in v["std"]]}
+
+
 def _dataset(chk: Checker, d: Any, path: Path) -> dict[str, Any]:
     chk.mapping(d, "dataset", DATASET_KEYS, required=("name", "input_size"))
     name = chk.typed(d["name"], "dataset.name", "str")
@@ -313,7 +334,7 @@ def _dataset(chk: Checker, d: Any, path: Path) -> dict[str, Any]:
     if size[0] not in (1, 3):
         raise chk.fail("dataset.input_size", f"{size!r} has {size[0]} channels; the datasets deliver 1 or 3")
     out: dict[str, Any] = {"name": name, "input_size": list(size), "root": None, "val_fraction": 0.2,
-                           "num_workers": 0}
+                           "num_workers": 0, "normalize": _normalize(chk, d.get("normalize", "dataset"), size[0])}
     if d.get("root") is not None:
         root = Path(chk.typed(d["root"], "dataset.root", "str")).expanduser()
         out["root"] = str(root if root.is_absolute() else (path.parent / root))
