@@ -2,7 +2,8 @@
 
 Blocks from: MobileNets (Howard et al. 2017, depthwise-separable conv), MobileNetV2 (Sandler et al.
 2018, inverted residual), SqueezeNet (Iandola et al. 2016, Fire module), ShuffleNet (Zhang et al.
-2017, group conv + channel shuffle), ShuffleNet V2 (Ma et al. 2018) and ResNet (He et al. 2016).
+2017, group conv + channel shuffle), ShuffleNet V2 (Ma et al. 2018) and ResNet (He et al. 2016, including
+the parameter-free option-A shortcut of its CIFAR networks).
 
 Every block is written once and is quantization-ready: conv-bn-act live in `ConvNormAct` (fusable by
 `torch.ao.quantization.fuse_modules` on `[conv, bn, act]`), and residual adds / concatenations go
@@ -11,8 +12,11 @@ through `FloatFunctional`, so the same module runs in fp32 and, after conversion
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -227,19 +231,98 @@ class ShuffleV2Unit(nn.Module):
         return self.shuffle(out)
 
 
+class PadShortcut(nn.Module):
+    """Option-A ResNet shortcut (He et al. 2016, section 4.2): parameter-free identity with zero padding.
+
+    Subsamples with `stride` (x[:, :, ::s, ::s]) and places the input channels among `out_chs` zero
+    channels: input channel i lands at output channel `index[i]` (-1: dropped). By default the
+    `out_chs - in_chs` new channels are split evenly before and after the input ones, as in the
+    reference CIFAR ResNets (F.pad by planes // 4 on each side). Structured pruning rewrites `index`.
+    On int8 tensors the output is a concatenation of input slices and zeros quantized with the input's
+    scale and zero point (exact, and exportable to ONNX, which has no quantized Pad).
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int = 2, index: Sequence[int] | None = None):
+        super().__init__()
+        if index is None:
+            before = (out_chs - in_chs) // 2
+            index = range(before, before + in_chs)
+        self.in_chs, self.out_chs, self.stride = in_chs, out_chs, stride
+        self.set_index(index)
+
+    def set_index(self, index: Sequence[int]) -> None:
+        """Route input channel i to output channel index[i] (-1 drops it)."""
+        index = [int(i) for i in index]
+        used = [i for i in index if i >= 0]
+        in_range = all(-1 <= i < self.out_chs for i in index)
+        if len(index) != self.in_chs or len(set(used)) != len(used) or not in_range:
+            raise ValueError(f"PadShortcut: index {index} must give {self.in_chs} distinct output channels "
+                             f"in [0, {self.out_chs}), or -1")
+        self.index = index
+        source = [-1] * self.out_chs  # input channel feeding each output channel, -1 for zeros
+        for i, o in enumerate(index):
+            if o >= 0:
+                source[o] = i
+        runs: list[list[int]] = []  # [first input channel or -1, length]: consecutive inputs or zeros
+        for src in source:
+            if runs and (src < 0) == (runs[-1][0] < 0) and (src < 0 or src == runs[-1][0] + runs[-1][1]):
+                runs[-1][1] += 1
+            else:
+                runs.append([src, 1])
+        self.runs = runs
+        inputs = [r for r in runs if r[0] >= 0]  # one run holding every input in order: a plain F.pad
+        whole = len(inputs) == 1 and inputs[0] == [0, self.in_chs]
+        self.pad = [runs[0][1] if runs[0][0] < 0 else 0, runs[-1][1] if runs[-1][0] < 0 else 0] if whole else []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x.is_quantized
+        if self.stride > 1:  # a kernel-1 max pool is the same subsampling in a form int8 ONNX export knows
+            x = F.max_pool2d(x, 1, self.stride) if q else x[:, :, ::self.stride, ::self.stride]
+        if len(self.pad) == 2 and not q:
+            return F.pad(x, (0, 0, 0, 0, self.pad[0], self.pad[1]))
+        n, c, h, w = x.shape
+        parts = []
+        for src, length in self.runs:
+            if src < 0 and q:  # zeros in x's quantisation: stored as its zero point, exactly 0.0
+                zeros = torch.zeros(n, length, h, w, device=x.device)
+                parts.append(torch.quantize_per_tensor(zeros, x.q_scale(), x.q_zero_point(), x.dtype))
+            elif src < 0:
+                parts.append(x.new_zeros(n, length, h, w))
+            elif src == 0 and length == c:
+                parts.append(x)
+            elif q:  # select + reshape: int8 channel slices that ONNX export knows (aten::slice it does not)
+                parts.extend(x.select(1, i).reshape(n, 1, h, w) for i in range(src, src + length))
+            else:
+                parts.append(x[:, src:src + length])
+        return torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_chs}, {self.out_chs}, stride={self.stride}"
+
+
+SHORTCUTS = ("A", "B")
+
+
 class BasicBlock(nn.Module):
-    """ResNet basic block: two 3x3 ConvNormAct, residual add then ReLU."""
+    """ResNet basic block: two 3x3 ConvNormAct, residual add then ReLU.
+
+    When the shape changes the shortcut is `shortcut` 'B' (1x1 projection ConvNormAct, as torchvision)
+    or 'A' (parameter-free `PadShortcut`, He et al. 2016 section 4.2, the paper's CIFAR networks).
+    """
 
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, shortcut: str = "B"):
         super().__init__()
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"shortcut={shortcut!r} is not allowed; allowed: 'A', 'B'")
         out_chs = planes * self.expansion
         self.conv1 = ConvNormAct(in_chs, planes, 3, stride, act="relu")
         self.conv2 = ConvNormAct(planes, out_chs, 3, act=None)
-        self.downsample = (
-            ConvNormAct(in_chs, out_chs, 1, stride, act=None) if stride != 1 or in_chs != out_chs else None
-        )
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_chs != out_chs:
+            self.downsample = (ConvNormAct(in_chs, out_chs, 1, stride, act=None) if shortcut == "B"
+                               else PadShortcut(in_chs, out_chs, stride))
         self.skip = FloatFunctional()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

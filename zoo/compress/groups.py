@@ -7,6 +7,9 @@ shares one group), concatenations map a group to an offset, flatten maps a chann
 features, grouped convs require the same number of channels kept per conv group, and ShuffleNet v1's
 channel shuffle gets a dedicated layout rule. This is the dependency-graph idea of Torch-Pruning
 (Fang et al. 2023, "DepGraph: Towards Any Structural Pruning") specialised to the zoo's known blocks.
+An option-A ResNet shortcut (He et al. 2016; zoo.layers.PadShortcut) reads the block's input group and
+writes into its output group without weights: it is a member of both ('skip_in' / 'skip_out'), and
+surgery re-routes its kept channels (a removed output channel drops the identity that landed on it).
 
 The model is traced once with forward hooks: the top-level *elements* (known blocks, ConvNormAct,
 and stray Conv2d / Linear / BatchNorm layers) run as a chain, each feeding the next.
@@ -23,16 +26,18 @@ import torch.nn as nn
 from zoo.compress._common import eval_mode, example_input, get_module
 from zoo.errors import ZooError
 from zoo.layers import (BasicBlock, Bottleneck, ChannelShuffle, ConvNormAct, DepthwiseSeparable, Fire,
-                        InvertedResidual, ShuffleV1Unit, ShuffleV2Unit)
+                        InvertedResidual, PadShortcut, ShuffleV1Unit, ShuffleV2Unit)
 
 BLOCKS = (DepthwiseSeparable, InvertedResidual, Fire, ShuffleV1Unit, ShuffleV2Unit, BasicBlock, Bottleneck)
 LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
-KINDS = ("out", "in", "dw", "bn")
+KINDS = ("out", "in", "dw", "bn", "skip_in", "skip_out")
+IN_KINDS = ("in", "skip_in")  # members that index a layer's input channels
 
 
 @dataclass
 class Member:
-    """One layer slice of a group: `kind` is 'out' (filters), 'in' (input channels), 'dw' or 'bn'.
+    """One layer slice of a group: `kind` is 'out' (filters), 'in' (input channels), 'dw', 'bn', or
+    'skip_in' / 'skip_out' (input / output channels of a parameter-free PadShortcut).
 
     `units[i]` is a unit of the group and `pos[i]` its positions along the layer's dim (k per unit:
     k > 1 when a flatten spreads a channel over H*W features). `shuffle` > 0 means the member sees the
@@ -280,7 +285,11 @@ def _element(b: _Builder, path: str, m: nn.Module, g: int, flat: int) -> int:
             b.produce(prev_new, p + a)
             prev = prev_new
         b.consume(prev, f"{p}{names[-1]}.conv")
-        if m.downsample is not None:
+        if isinstance(m.downsample, PadShortcut):  # option A: no weights, its channels are re-routed
+            b.add(g, p + "downsample", "skip_in")
+            out = b.new(p + "out", getattr(m, names[-1]).conv.out_channels)
+            b.add(out, p + "downsample", "skip_out")
+        elif m.downsample is not None:
             b.consume(g, p + "downsample.conv")
             out = b.new(p + "out", getattr(m, names[-1]).conv.out_channels)
             b.produce(out, p + "downsample")

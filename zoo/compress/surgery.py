@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 
 from zoo.compress._common import get_module, set_module
-from zoo.compress.groups import Group, Member
+from zoo.compress.groups import IN_KINDS, Group, Member
 from zoo.errors import ZooError
+from zoo.layers import PadShortcut
 
 
 def _keep_count(n: int, amount: float) -> int:
@@ -143,7 +144,7 @@ def _dims(groups: list[Group], kept: list[torch.Tensor | None]
         if k is None:
             continue
         for m in g.members:
-            dim = "in" if m.kind == "in" else "out"
+            dim = "in" if m.kind in IN_KINDS else "out"
             segs.setdefault((m.module, dim), []).append((int(m.pos.min()), member_positions(m, k, g)))
     return segs
 
@@ -170,7 +171,7 @@ def apply_plan(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | 
         if k is None:
             continue
         for m in g.members:
-            key = (m.module, "in" if m.kind == "in" else "out")
+            key = (m.module, "in" if m.kind in IN_KINDS else "out")
             mod = get_module(model, m.module)
             n = _dim_size(mod, key[1])
             cov = covered.setdefault(key, torch.zeros(n, dtype=torch.bool))
@@ -187,6 +188,8 @@ def apply_plan(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | 
 
 
 def _dim_size(m: nn.Module, dim: str) -> int:
+    if isinstance(m, PadShortcut):
+        return m.out_chs if dim == "out" else m.in_chs
     if isinstance(m, nn.Conv2d):
         return m.out_channels if dim == "out" else m.in_channels
     if isinstance(m, nn.Linear):
@@ -198,6 +201,8 @@ def _dim_size(m: nn.Module, dim: str) -> int:
 
 def _slice(path: str, m: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
     """A new module holding the selected output / input channels of m."""
+    if isinstance(m, PadShortcut):
+        return _slice_shortcut(m, out_idx, in_idx)
     with torch.no_grad():
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
             new = type(m)(out_idx.numel(), m.eps, m.momentum, m.affine, m.track_running_stats)
@@ -222,6 +227,16 @@ def _slice(path: str, m: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor)
             raise ZooError(f"structured pruning: cannot slice {path!r} of type {type(m).__name__}")
     new.train(m.training)
     return new.to(device=m.weight.device if hasattr(m, "weight") and m.weight is not None else None)
+
+
+def _slice_shortcut(m: PadShortcut, out_idx: torch.Tensor, in_idx: torch.Tensor) -> PadShortcut:
+    """The shortcut between the kept channels: kept input i goes where its old output channel now is,
+    or nowhere if that output channel was removed (in the masked model it is dropped too, see zero_removed)."""
+    new_pos = {old: new for new, old in enumerate(out_idx.tolist())}
+    index = [new_pos.get(m.index[i], -1) if m.index[i] >= 0 else -1 for i in in_idx.tolist()]
+    new = PadShortcut(in_idx.numel(), out_idx.numel(), m.stride, index)
+    new.train(m.training)
+    return new
 
 
 def _bn_state(m: nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -250,7 +265,9 @@ def _grouped_weight(path: str, m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torc
 
 
 def describe(m: nn.Module) -> dict[str, Any]:
-    """JSON-able shape of a conv / linear / batch-norm layer (enough to recreate it)."""
+    """JSON-able shape of a conv / linear / batch-norm layer or option-A shortcut (enough to recreate it)."""
+    if isinstance(m, PadShortcut):
+        return {"type": "PadShortcut", "in": m.in_chs, "out": m.out_chs, "index": list(m.index)}
     if isinstance(m, nn.Conv2d):
         return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
     if isinstance(m, nn.Linear):
@@ -270,6 +287,8 @@ def rebuild_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) ->
             new = nn.Linear(d["in"], d["out"], bias=old.bias is not None)
         elif t in ("BatchNorm1d", "BatchNorm2d"):
             new = type(old)(d["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
+        elif t == "PadShortcut":
+            new = PadShortcut(d["in"], d["out"], old.stride, d["index"])
         else:
             raise ZooError(f"spec: unknown layer type {t!r} at {path!r}")
         set_module(model, path, new)
@@ -277,7 +296,8 @@ def rebuild_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) ->
 
 def zero_removed(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None]) -> None:
     """Make the units a plan removes dead in the unpruned model (zero their filters, biases and BN
-    affine), so that the pruned model must compute exactly the same function: a surgery self-check."""
+    affine, and drop option-A shortcut channels that land on them), so that the pruned model must
+    compute exactly the same function: a surgery self-check."""
     with torch.no_grad():
         for g, k in zip(groups, kept):
             if k is None:
@@ -285,11 +305,15 @@ def zero_removed(model: nn.Module, groups: list[Group], kept: list[torch.Tensor 
             gone = torch.ones(g.size, dtype=torch.bool)
             gone[k] = False
             for m in g.members:
-                if m.kind == "in":
+                if m.kind in IN_KINDS:
                     continue
                 sel = gone[m.units]
                 pos = m.pos[sel].reshape(-1)
                 mod = get_module(model, m.module)
+                if isinstance(mod, PadShortcut):  # its identity must not revive a removed channel
+                    dead = set(pos.tolist())
+                    mod.set_index([-1 if o in dead else o for o in mod.index])
+                    continue
                 for name in ("weight", "bias"):
                     t = getattr(mod, name, None)
                     if isinstance(t, torch.Tensor):

@@ -1,8 +1,10 @@
 """ResNet: He et al. 2016, "Deep Residual Learning for Image Recognition" (CVPR 2016, arXiv:1512.03385).
 
 ImageNet ResNets (18/34 with basic blocks, 50/101/152 with bottlenecks, stride on the 3x3 conv as in
-torchvision) and the CIFAR ResNets of section 4.2 (6n+2 layers, 16/32/64 channels, 1x1 projection
-shortcuts), which serve as distillation teachers.
+torchvision, 1x1 projection shortcuts) and the CIFAR ResNets of section 4.2 (6n+2 layers, 16/32/64
+channels), which serve as distillation teachers. The CIFAR ones use the paper's option-A shortcuts by
+default (identity; where the shape changes, stride-2 subsampling plus zero-padded new channels, no
+parameters: Table 6's 0.27/0.46/0.66/0.85 M); `shortcut="B"` gives 1x1 projections instead.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from zoo._registry import Arg, ModelCard, Reference, register_model
-from zoo.layers import BasicBlock, Bottleneck, ConvNormAct, ZooModel, init_weights
+from zoo.layers import SHORTCUTS, BasicBlock, Bottleneck, ConvNormAct, ZooModel, init_weights
 
 
 class ResNet(ZooModel):
@@ -19,8 +21,11 @@ class ResNet(ZooModel):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...],
                  widths: tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet",
-                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0):
+                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, shortcut: str = "B"):
         super().__init__(in_chans, min_input_size=32 if stem == "imagenet" else 8)
+        if shortcut != "B" and block is not BasicBlock:
+            raise ValueError(f"shortcut={shortcut!r}: option-A shortcuts exist for basic blocks only")
+        extra = {"shortcut": shortcut} if block is BasicBlock else {}
         if stem == "imagenet":
             self.stem = ConvNormAct(in_chans, widths[0], 7, 2)  # (N, 64, H/2, W/2)
             self.stem_pool = nn.MaxPool2d(3, 2, 1)  # (N, 64, H/4, W/4)
@@ -31,7 +36,7 @@ class ResNet(ZooModel):
         for i, (n, planes) in enumerate(zip(layers, widths)):
             blocks = []
             for j in range(n):
-                blocks.append(block(prev, planes, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(prev, planes, stride=2 if (i > 0 and j == 0) else 1, **extra))
                 prev = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)  # (N, C_last, H/32, W/32) ImageNet; (N, 64, H/4, W/4) CIFAR
@@ -56,13 +61,18 @@ _IMAGENET = {
     "resnet152": (Bottleneck, (3, 8, 36, 3), 60_192_808, 11_510_000_000),
 }
 
-# name: (n blocks per stage, reference params, reference MACs at 32 px)
+# name: (n blocks per stage, He et al. 2016 Table 6 params (option A), reference MACs at 32 px)
 _CIFAR = {
-    "resnet20": (3, 270_000, 40_800_000),
-    "resnet32": (5, 470_000, 69_100_000),
-    "resnet44": (7, 660_000, 97_400_000),
-    "resnet56": (9, 860_000, 125_800_000),
+    "resnet20": (3, 270_000, 40_810_000),
+    "resnet32": (5, 460_000, 69_120_000),
+    "resnet44": (7, 660_000, 97_440_000),
+    "resnet56": (9, 850_000, 125_750_000),
 }
+# chenyaofo's networks use 1x1 projections (= shortcut "B", which matches their MACs exactly); option A
+# has no shortcut MACs, 0.26 M fewer (0.2-0.6 %).
+_CIFAR_SOURCE = "He et al. 2016, Table 6 params (option A); MACs: chenyaofo/pytorch-cifar-models (1x1 proj., +0.26 M)"
+_SHORTCUT = Arg(str, "A", choices=SHORTCUTS,
+                doc="A: identity / zero-padding shortcuts, no parameters (the paper); B: 1x1 projections")
 
 
 def _register_imagenet(name: str, block, layers, params: int, macs: int | None) -> None:
@@ -84,17 +94,18 @@ def _register_imagenet(name: str, block, layers, params: int, macs: int | None) 
 def _register_cifar(name: str, n: int, params: int, macs: int) -> None:
     card = ModelCard(
         name=name, family="resnet_cifar", paper=_PAPER, url=_URL,
-        args={**_ARGS, "num_classes": Arg(int, 10, min=1, doc="number of output classes")},
-        references=(Reference({}, "He et al. 2016, Table 6 params; MACs as listed by chenyaofo/pytorch-cifar-models", params=params,
-                              params_tol=10_000, macs=macs, macs_rtol=0.02, label=name),),
+        args={**_ARGS, "num_classes": Arg(int, 10, min=1, doc="number of output classes"), "shortcut": _SHORTCUT},
+        references=(Reference({}, _CIFAR_SOURCE, params=params, params_tol=5_000, macs=macs, macs_rtol=0.01,
+                              label=name),),
         default_resolution=32, min_resolution=8,
-        description=f"CIFAR ResNet-{6 * n + 2}: 3 stages of {n} basic blocks, 16/32/64 channels.",
+        description=f"CIFAR ResNet-{6 * n + 2}: 3 stages of {n} basic blocks, 16/32/64 channels, option-A "
+                    f"(zero-padding) shortcuts unless shortcut='B'.",
     )
 
     @register_model(card)
-    def entry(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
-        return ResNet(BasicBlock, (n, n, n), widths=(16, 32, 64), stem="cifar",
-                      num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    def entry(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, shortcut: str = "A") -> ResNet:
+        return ResNet(BasicBlock, (n, n, n), widths=(16, 32, 64), stem="cifar", num_classes=num_classes,
+                      in_chans=in_chans, drop_rate=drop_rate, shortcut=shortcut)
 
     entry.__name__ = entry.__qualname__ = name
     entry.__doc__ = f"{name} (He et al. 2016, section 4.2), CIFAR stem, 32 px input."

@@ -1,4 +1,4 @@
-"""`zoo weights add|list|verify` subcommands and the weights lines of `zoo info NAME`."""
+"""`zoo weights add|list|verify|import` subcommands and the weights lines of `zoo info NAME`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import argparse
 import json
 from typing import Any
 
+from zoo.cli import model_kwargs_from_args
 from zoo.errors import ZooError
+from zoo.weights.checkpoint import read_checkpoint
+from zoo.weights.foreign import CLASS_SETS, import_state_dict
 from zoo.weights.index import WeightsEntry, list_weights, register_checkpoint, verify_index, weights_for
 
 
@@ -62,9 +65,45 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _floats(flag: str, raw: str | None) -> list[float] | None:
+    if raw is None:
+        return None
+    try:
+        return [float(v) for v in raw.split(",")]
+    except ValueError:
+        raise ZooError(f"{flag} {raw!r} is not allowed; expected comma-separated numbers, e.g. "
+                       f"{flag} 0.485,0.456,0.406") from None
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    kwargs = model_kwargs_from_args(args)
+    out = import_state_dict(args.path, args.name, args.out, classes=args.classes,
+                            mean=_floats("--mean", args.mean), std=_floats("--std", args.std), **kwargs)
+    print(f"imported {args.path} as {read_checkpoint(out).describe()} -> {out}; load it with "
+          f"zoo.create({args.name!r}, weights={str(out)!r})")
+    return 0
+
+
+def _add_import(ws: Any) -> None:
+    i = ws.add_parser("import", help="turn a foreign safetensors state dict into a zoo checkpoint",
+                      description="Map a foreign state dict onto a zoo model by structure (tensors paired in "
+                                  "module order, shapes checked) and save it with spec, classes and "
+                                  "normalisation in the header. Safetensors only: pickle files are refused.")
+    i.add_argument("path", help="the foreign .safetensors state dict")
+    i.add_argument("--model", dest="name", required=True, help="registered zoo model, e.g. resnet56")
+    i.add_argument("--kw", action="append", metavar="KEY=VALUE", default=[],
+                   help="a model argument (repeatable), e.g. --kw shortcut=A")
+    i.add_argument("--out", required=True, help="the zoo checkpoint to write (.safetensors)")
+    i.add_argument("--mean", default=None, help="input normalisation mean per channel, e.g. 0.485,0.456,0.406")
+    i.add_argument("--std", default=None, help="input normalisation std per channel, e.g. 0.229,0.224,0.225")
+    i.add_argument("--classes", default=None,
+                   help=f"class names: a named set ({', '.join(CLASS_SETS)}) or a text file, one name per line")
+    i.set_defaults(func=_cmd_import)
+
+
 def add_commands(sub: Any) -> None:
-    """Add `zoo weights {add,list,verify}` to the zoo CLI."""
-    p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints",
+    """Add `zoo weights {add,list,verify,import}` to the zoo CLI."""
+    p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints; import foreign ones",
                        description="Manage weights/index.json (folder: --weights-dir, else $ZOO_WEIGHTS_DIR, "
                                    "else <repo>/weights).")
     ws = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True, parser_class=type(p))
@@ -83,6 +122,7 @@ def add_commands(sub: Any) -> None:
     lst.set_defaults(func=_cmd_list)
     v = ws.add_parser("verify", help="re-hash every indexed file (exit code 1 on a mismatch)")
     v.set_defaults(func=_cmd_verify)
+    _add_import(ws)
     for q in (a, lst, v):
         q.add_argument("--weights-dir", default=None,
                        help="weights folder (default $ZOO_WEIGHTS_DIR or <repo>/weights)")
