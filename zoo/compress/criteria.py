@@ -10,6 +10,9 @@
 * loss_change: the measured |loss increase| on held-out batches when a unit's channels are removed
   (its consumers' input slices zeroed), the "oracle" of Molchanov et al. 2017.
 * random: uniform scores, the baseline.
+
+Summed channel scores (magnitude, taylor, hessian) are normalised within a group by the number of weights
+each unit has, so that a group mixing filter sizes (1x1 and 3x3 filters) ranks its units fairly.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from zoo.compress._common import batches, eval_mode, get_module
 from zoo.compress.groups import Group, Member
@@ -117,7 +121,7 @@ def unit_scores(model: nn.Module, groups: list[Group], criterion: str, data: Any
         if g is None:
             out.append(None)
             continue
-        s = torch.zeros(g.size, dtype=torch.float64)
+        s, count = torch.zeros(g.size, dtype=torch.float64), torch.zeros(g.size, dtype=torch.float64)
         for m in g.members:
             mod = get_module(model, m.module)
             if criterion == "magnitude":
@@ -125,13 +129,27 @@ def unit_scores(model: nn.Module, groups: list[Group], criterion: str, data: Any
                     continue
                 v = _slices(mod, m, mod.weight.detach().double(), "weight")
                 s.index_add_(0, m.units, v.abs().pow(p).sum(1))
-            else:
-                for name in ("weight", "bias"):
-                    t = getattr(mod, name, None)
-                    if isinstance(t, torch.Tensor) and id(t) in sal:
-                        s.index_add_(0, m.units, _slices(mod, m, sal[id(t)], name).sum(1))
+                count.index_add_(0, m.units, torch.full((m.units.numel(),), float(v.shape[1]), dtype=torch.float64))
+                continue
+            for name in ("weight", "bias"):
+                t = getattr(mod, name, None)
+                if isinstance(t, torch.Tensor) and id(t) in sal:
+                    v = _slices(mod, m, sal[id(t)], name)
+                    s.index_add_(0, m.units, v.sum(1))
+                    count.index_add_(0, m.units, torch.full((m.units.numel(),), float(v.shape[1]),
+                                                            dtype=torch.float64))
+        s = _per_size(s, count)
         out.append(s.pow(1.0 / p) if criterion == "magnitude" else s)
     return out
+
+
+def _per_size(s: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Scores of units with more weights (a 3x3 filter next to a 1x1 one, as in a Fire module) scaled to the
+    group's mean number of weights per unit, so that mixed filter sizes compare fairly; unchanged when
+    every unit has as many weights."""
+    if count.numel() == 0 or bool((count == count[0]).all()):
+        return s
+    return s * (count.mean() / count.clamp(min=1.0))
 
 
 def _loss_change(model: nn.Module, live: list[Group | None], data: Any, loss_fn: LossFn | None,
@@ -198,7 +216,6 @@ def weight_scores(model: nn.Module, layers: list[tuple[str, nn.Module]], criteri
 
 def _weight_param(m: nn.Module) -> torch.Tensor:
     """The trainable tensor behind m.weight (the parametrization's original when masked)."""
-    from torch.nn.utils import parametrize
     if parametrize.is_parametrized(m, "weight"):
         return m.parametrizations.weight.original
     return m.weight

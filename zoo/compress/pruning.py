@@ -3,8 +3,10 @@
 * Unstructured (granularity='weight'): a mask parametrization keeps pruned weights at exactly zero
   through fine-tuning (their gradient is masked too); `make_permanent` leaves plain weights with real
   zeros (Han et al. 2015, "Learning both Weights and Connections for Efficient Neural Networks").
-* Structured (granularity='channel'): channel groups (zoo.compress.groups) are scored and the weakest
-  units are physically removed; the result is an ordinary, smaller nn.Module (Li et al. 2017).
+* Structured (granularity='channel'): channel groups read off a traced dependency graph
+  (zoo.compress.graph, after Fang et al. 2023's DepGraph) are scored and the weakest units are
+  physically removed; the result is an ordinary, smaller nn.Module (Li et al. 2017). Every result is
+  checked on a probe input against the masked model (the removed channels zeroed in the original).
 * When to prune: at initialisation with SNIP (Lee et al. 2019, connection sensitivity |g * w| on one
   batch), one-shot, or gradually on the cubic schedule of Zhu & Gupta 2017 ("To prune, or not to
   prune") with `cubic_schedule` / `prune_iterative` and a fine-tune callback.
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Sequence
 
@@ -20,10 +23,11 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from zoo.compress import criteria as C
-from zoo.compress._common import (add_step, check_amount, check_choice, check_model, copy_model, get_module,
-                                  has_parametrizations, is_quantized_model, resolve_protect, steps, weight_layers)
+from zoo.compress._common import (check_amount, check_choice, check_model, copy_model, eval_mode, example_input,
+                                  get_module, has_parametrizations, is_quantized_model, resolve_protect, steps,
+                                  weight_layers)
 from zoo.compress.groups import Group, build_groups
-from zoo.compress.surgery import apply_plan, plan
+from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 
 GRANULARITIES = ("weight", "channel")
@@ -107,7 +111,7 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
           scope: str = "global", data: Any = None, example_inputs: torch.Tensor | None = None, *,
           p: int = 2, protect: Sequence[str] | None = None, loss_fn: C.LossFn | None = None,
           max_batches: int | None = None, hessian: str = "fisher", seed: int = 0, round_to: int = 1,
-          inplace: bool = False) -> nn.Module:
+          max_per_layer: float | None = None, check: bool = True, inplace: bool = False) -> nn.Module:
     """Prune `amount` of the weights (granularity='weight') or channel units ('channel').
 
     criterion: magnitude (Lp norm, p=1 or 2) | taylor | hessian (estimator `hessian`='fisher' or
@@ -118,7 +122,11 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     ('first', 'last'). For 'channel', `amount` is the fraction of units of the current model removed;
     the image channels and class outputs are never pruned and `protect` (default none) freezes the
     channel groups a named layer belongs to; `round_to` rounds every kept channel count up to a multiple
-    (8 keeps int8 and SIMD kernels fast). Returns a copy unless inplace=True.
+    (8 keeps int8 and SIMD kernels fast); in global scope no group loses more than `max_per_layer` of
+    its units (default: all but one), the rest goes to other groups. Models not built by zoo.create
+    need `example_inputs`. With `check` (default) the result is compared on a probe input with the
+    masked model, and a mismatch raises a ZooError naming the first layer that differs. Returns a copy
+    unless inplace=True.
     """
     func = "prune"
     amount = _check_common(func, model, amount, criterion, granularity, scope, hessian)
@@ -126,6 +134,10 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
         raise ZooError(f"prune: p={p!r} is not allowed; magnitude uses the L1 (p=1) or L2 (p=2) norm")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ZooError(f"prune: round_to={round_to!r} is not allowed; expected an int >= 1")
+    ok = max_per_layer is None or (isinstance(max_per_layer, (int, float)) and not isinstance(max_per_layer, bool)
+                                   and 0.0 < max_per_layer <= 1.0)
+    if not ok:
+        raise ZooError(f"prune: max_per_layer={max_per_layer!r} is not allowed; expected None or a float in (0, 1]")
     if criterion in ("taylor", "hessian", "loss_change") and data is None:
         raise ZooError(f"prune: criterion={criterion!r} needs data, an iterable of (input, target) batches")
     kw = dict(loss_fn=loss_fn, max_batches=max_batches, hessian=hessian, seed=seed)
@@ -142,14 +154,75 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     groups = build_groups(model, example_inputs)
     _protect_groups(model, groups, protect or ())
     scores = C.unit_scores(model, groups, criterion, data, p=p, **kw)
-    kept = plan(groups, scores, amount, scope, round_to)
-    apply_structure(model, groups, kept)
+    kept = plan(groups, scores, amount, scope, round_to, max_per_layer)
+    ref = None
+    if check:
+        ref = copy.deepcopy(model)
+        zero_removed(ref, groups, kept)
+    index: dict[str, torch.Tensor] = {}
+    apply_structure(model, groups, kept, index)
+    if ref is not None:
+        verify_pruned(ref, model, example_input(model, example_inputs, func), index)
     return model
 
 
-def apply_structure(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None]) -> dict[str, Any]:
+def verify_pruned(masked: nn.Module, pruned: nn.Module, example: torch.Tensor,
+                  index: dict[str, torch.Tensor] | None = None) -> None:
+    """Raise a ZooError naming the first differing layer unless `pruned` equals `masked` on a probe input."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2,) + tuple(example.shape[1:]), generator=gen).to(example.device)
+    with eval_mode(masked), eval_mode(pruned), torch.no_grad():
+        a, b = masked(x), pruned(x)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and _close(a, b):
+        return
+    where = _first_mismatch(masked, pruned, x, index or {})
+    raise ZooError(f"structured pruning: the pruned model differs from the masked model at {where!r} on a probe "
+                   "input; the channel graph missed a dependency there (please report it)")
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * scale + 1e-6))
+
+
+def _first_mismatch(masked: nn.Module, pruned: nn.Module, x: torch.Tensor, index: dict[str, torch.Tensor]) -> str:
+    """The first layer (in call order) whose output differs between the two models."""
+    outs: list[dict[str, torch.Tensor]] = [{}, {}]
+    order: list[str] = []
+    handles = []
+    for k, model in enumerate((masked, pruned)):
+        for path, m in model.named_modules():
+            if path and not list(m.children()):
+                def hook(mod: nn.Module, inp: Any, out: Any, path: str = path, k: int = k) -> None:
+                    """Keep the first output of each layer."""
+                    if isinstance(out, torch.Tensor) and path not in outs[k]:
+                        outs[k][path] = out.detach()
+                        if k == 0:
+                            order.append(path)
+                handles.append(m.register_forward_hook(hook))
+    try:
+        with eval_mode(masked), eval_mode(pruned), torch.no_grad():
+            masked(x)
+            pruned(x)
+    finally:
+        for h in handles:
+            h.remove()
+    for path in order:
+        a, b = outs[0][path], outs[1].get(path)
+        if b is None:
+            continue
+        if path in index:
+            dim = -1 if isinstance(get_module(masked, path), nn.Linear) else 1
+            a = a.index_select(dim, index[path].to(a.device))
+        if a.shape == b.shape and not _close(a, b):  # (pass-through layers between sliced ones: not compared)
+            return path
+    return "the model output"
+
+
+def apply_structure(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None],
+                    index: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Remove the channels not in `kept` from the model (in place) and record the spec step."""
-    structure = apply_plan(model, groups, kept)
+    structure = apply_plan(model, groups, kept, index)
     prev = [s for s in steps(model) if s.get("kind") == "channels"]
     merged = dict(prev[0]["modules"]) if prev else {}
     merged.update(structure)

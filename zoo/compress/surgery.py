@@ -1,8 +1,13 @@
-"""Physical channel removal: choose the units to keep per group, then rebuild smaller layers.
+"""Physical channel removal (Li et al. 2017, "Pruning Filters for Efficient ConvNets"), driven by the
+traced channel graph (zoo.compress.graph; Fang et al. 2023's DepGraph idea).
 
-`plan` turns per-unit scores into kept units (respecting grouped-conv and channel-shuffle layouts),
-`apply_plan` slices every conv / linear / batch norm touched by a group into a new, smaller module,
-and `rebuild_structure` recreates those shapes on a fresh model when a pruned model is loaded.
+`plan` picks the kept units (zoo.compress.select). `apply_plan` re-runs the traced graph with only those
+units: every producer writes its kept channels in order, shape ops (splits, shuffles, flattens) place them,
+and each layer's input is read off the run, so a channel lands wherever the pruned network will deliver
+it. The run checks that every elementwise op still adds the same units, that every layer receives
+exactly the kept channels it read before and that no channel changes conv group; then every conv,
+linear, batch norm and option-A shortcut is sliced in place. `zero_removed` builds the masked model
+the result must equal, and `rebuild_structure` recreates the smaller shapes on a fresh model.
 """
 
 from __future__ import annotations
@@ -13,225 +18,178 @@ import torch
 import torch.nn as nn
 
 from zoo.compress._common import get_module, set_module
-from zoo.compress.groups import IN_KINDS, Group, Member
+from zoo.compress.graph import Mode, Sim
+from zoo.compress.groups import IN_KINDS, ChannelGraph, Group
+from zoo.compress.select import choose, keep_counts
 from zoo.errors import ZooError
 from zoo.layers import PadShortcut
 
-
-def _keep_count(n: int, amount: float) -> int:
-    return n - int(round(amount * n))
+OUT_SIDE = ("out", "skip_out", "dw", "bn")  # member kinds that index a layer's output channels
 
 
 def plan(groups: list[Group], scores: list[torch.Tensor | None], amount: float, scope: str,
-         round_to: int = 1) -> list[torch.Tensor | None]:
-    """Kept units (in their new order) per group; None for groups left untouched. `round_to` > 1 rounds
-    each group's kept count up to a multiple of it (int8 / SIMD kernels prefer multiples of 8)."""
-    live = [i for i, g in enumerate(groups) if not g.frozen]
-    if not live:
-        raise ZooError("structured pruning: this model has no prunable channel group")
-    keep_n: dict[int, int] = {}
-    if scope == "layer":
-        for i in live:
-            keep_n[i] = _keep_count(groups[i].size, amount)
-    else:  # global: rank every unit of every group on per-group normalised scores
-        normed, owner = [], []
-        for i in live:
-            s = scores[i].double()
-            mean = s.abs().mean()
-            normed.append(s / mean if mean > 0 else s)
-            owner.append(torch.full((groups[i].size,), i))
-        allv, allo = torch.cat(normed), torch.cat(owner)
-        n_prune = int(round(amount * allv.numel()))
-        order = torch.argsort(allv, stable=True)[:n_prune]
-        pruned = torch.bincount(allo[order], minlength=len(groups))
-        for i in live:
-            keep_n[i] = groups[i].size - int(pruned[i])
-    out: list[torch.Tensor | None] = [None] * len(groups)
-    for i in live:
-        g = groups[i]
-        if keep_n[i] <= 0:
-            raise ZooError(f"structured pruning: amount={amount:g} ({scope} scope) would remove every one of the "
-                           f"{g.size} channels of {g.name!r}; use a smaller amount")
-        n_keep = min(g.size, -(-keep_n[i] // round_to) * round_to)
-        kept = select(g, scores[i], n_keep)
-        for m in g.members:
-            if not bool(torch.isin(m.units, kept).any()):
-                raise ZooError(f"structured pruning: amount={amount:g} would leave layer {m.module!r} with zero "
-                               "channels; use a smaller amount")
-        if kept.numel() < g.size:
-            out[i] = kept
-    return out
+         round_to: int = 1, max_fraction: float | None = None) -> list[torch.Tensor | None]:
+    """Kept units (ascending group indices) per group; None for groups left whole. `round_to` > 1 rounds
+    kept counts up to a multiple; `max_fraction` caps what global scope removes from one group."""
+    counts = keep_counts(groups, scores, amount, scope, max_fraction)
+    return choose(groups, scores, counts, round_to)
 
 
-def select(g: Group, score: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """The `n_keep` best units of a group (rounded to what its layout allows), in their new order."""
-    score = score.double()
-    if g.shuffle is not None:
-        return _select_shuffle(g, score, n_keep)
-    if g.blocks is not None:
-        nb = int(g.blocks.max()) + 1
-        per = max(1, int(round(n_keep / nb)))
-        kept = []
-        for blk in range(nb):
-            idx = torch.nonzero(g.blocks == blk).flatten()
-            top = idx[torch.argsort(score[idx], descending=True, stable=True)[:per]]
-            kept.append(top)
-        return torch.sort(torch.cat(kept)).values
-    top = torch.argsort(score, descending=True, stable=True)[:n_keep]
-    return torch.sort(top).values
+class PrunedMode(Mode):
+    """A run with only the kept units: records each layer's channels in their new order and checks them."""
+
+    def __init__(self, cg: ChannelGraph, kept: list[torch.Tensor | None]):
+        self.cg = cg
+        self.removed = torch.zeros(cg.roots.numel(), dtype=torch.bool)
+        self.emitted: dict[int, torch.Tensor] = {}
+        for gi, k in enumerate(kept):
+            if k is not None:
+                g = cg.groups[gi]
+                gone = torch.ones(g.size, dtype=torch.bool)
+                gone[k] = False
+                self.removed[g.units[gone]] = True
+                self.emitted[gi] = g.units[torch.sort(k).values]
+        self.seqs: dict[tuple[str, str], torch.Tensor] = {}
+
+    def input(self, sim: Sim, node: Any) -> torch.Tensor:
+        """The input's unit labels."""
+        return self.cg.input_labels
+
+    def emit(self, sim: Sim, node: Any, path: str, n: int) -> torch.Tensor:
+        """The kept units of each group the producer writes, in order."""
+        return torch.cat([self.emitted.get(gi, units) * 2 for gi, units in self.cg.layouts[path]])
+
+    def member(self, sim: Sim, node: Any, path: str, kind: str, labels: torch.Tensor) -> None:
+        """Record a layer's channels; an input must be exactly the kept channels it read before."""
+        k = (path, kind)
+        if k in self.seqs:
+            if not torch.equal(self.seqs[k] >> 1, labels >> 1):
+                self.fail(sim, node, f"{path!r} is called twice on different channels")
+            return
+        self.seqs[k] = labels
+        if kind in OUT_SIDE[:2]:
+            return
+        old = self.cg.seq[k] >> 1
+        keep = old < 0
+        keep[~keep] = ~self.removed[old[~keep]]
+        if not torch.equal(torch.sort(old[keep]).values, torch.sort(labels >> 1).values):
+            self.fail(sim, node, f"{path!r} would not receive exactly the kept channels it read")
+
+    def unify(self, sim: Sim, node: Any, a: torch.Tensor, b: torch.Tensor) -> None:
+        """An elementwise op must still combine the same units."""
+        if not torch.equal(a, b):
+            self.fail(sim, node, "an elementwise op would combine different channels")
+
+    def blocks(self, sim: Sim, node: Any, side: str, labels: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Every channel must stay in its conv group."""
+        old_ids, old_blocks = self.cg.block_of[(sim.index[node], side)]
+        lookup = torch.full((self.cg.roots.numel(),), -1, dtype=torch.long)
+        ok = old_ids >= 0
+        lookup[old_ids[ok]] = old_blocks[ok]
+        new = labels >> 1
+        ok = new >= 0
+        if not torch.equal(lookup[new[ok]], blocks[ok]):
+            self.fail(sim, node, f"a channel would move to another conv group ({side} side)")
 
 
-def _select_shuffle(g: Group, score: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """ShuffleNet v1 bottleneck: keep c' channels per conv1 group such that after the shuffle every
-    kept channel still lands in its original conv2 group (cells = (conv1 group, conv2 group))."""
-    sg, _ = g.shuffle
-    n = g.size
-    c = n // sg
-    units = torch.arange(n)
-    pre_blk = units // c
-    post_blk = ((units % c) * sg + pre_blk) // c
-    avail = torch.zeros(sg, sg, dtype=torch.long)
-    for b, k in zip(pre_blk.tolist(), post_blk.tolist()):
-        avail[b, k] += 1
-
-    def need(cp: int) -> torch.Tensor:
-        """Channels each (conv1 group, conv2 group) cell must supply when c' = cp are kept per group."""
-        nd = torch.zeros(sg, sg, dtype=torch.long)
-        for b in range(sg):
-            for j in range(cp):
-                nd[b, (j * sg + b) // cp] += 1
-        return nd
-
-    target = min(c, max(1, int(round(n_keep / sg))))
-    cands = sorted(range(1, c + 1), key=lambda cp: (abs(cp - target), -cp))
-    cp = next(cp for cp in cands if bool((need(cp) <= avail).all()))
-    nd = need(cp)
-    queues: dict[tuple[int, int], list[int]] = {}
-    for b in range(sg):
-        for k in range(sg):
-            cell = torch.nonzero((pre_blk == b) & (post_blk == k)).flatten()
-            best = cell[torch.argsort(score[cell], descending=True, stable=True)[: int(nd[b, k])]]
-            queues[(b, k)] = sorted(best.tolist())
-    kept = []
-    for b in range(sg):
-        for j in range(cp):
-            kept.append(queues[(b, (j * sg + b) // cp)].pop(0))
-    return torch.tensor(kept, dtype=torch.long)
-
-
-def member_order(m: Member, kept: torch.Tensor) -> torch.Tensor:
-    """The kept units in the order this member sees them (after a channel shuffle if it has one)."""
-    if m.shuffle:
-        return kept.view(m.shuffle, -1).t().reshape(-1)
-    return kept
-
-
-def member_positions(m: Member, kept: torch.Tensor, group: Group) -> torch.Tensor:
-    """New index along the member's dim: positions of its kept units, in new order (flattened k)."""
-    order = member_order(m, kept)
-    lookup = torch.full((group.size,), -1, dtype=torch.long)
-    lookup[m.units] = torch.arange(m.units.numel())
-    rows = lookup[order]
-    rows = rows[rows >= 0]
-    return m.pos[rows].reshape(-1)
-
-
-def _dims(groups: list[Group], kept: list[torch.Tensor | None]
-          ) -> dict[tuple[str, str], list[tuple[int, torch.Tensor]]]:
-    """(module, dim) -> segments (sort key, new positions) contributed by the pruned groups."""
-    segs: dict[tuple[str, str], list[tuple[int, torch.Tensor]]] = {}
-    for g, k in zip(groups, kept):
-        if k is None:
-            continue
-        for m in g.members:
-            dim = "in" if m.kind in IN_KINDS else "out"
-            segs.setdefault((m.module, dim), []).append((int(m.pos.min()), member_positions(m, k, g)))
-    return segs
-
-
-def _index(segs: list[tuple[int, torch.Tensor]] | None, n: int, covered: torch.Tensor | None = None) -> torch.Tensor:
-    """Full new index of a dim of size n: group segments plus every uncovered position kept in place."""
-    if not segs:
-        return torch.arange(n)
-    mask = torch.zeros(n, dtype=torch.bool)
-    for _, s in segs:
-        mask[s] = True
-    if covered is not None:
-        mask |= covered
-    pieces = list(segs) + [(int(p), torch.tensor([p])) for p in torch.nonzero(~mask).flatten().tolist()]
-    pieces.sort(key=lambda t: t[0])
-    return torch.cat([s for _, s in pieces])
-
-
-def apply_plan(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None]) -> dict[str, dict[str, Any]]:
-    """Replace every touched layer by a smaller one; return {path: new shape} for the spec."""
-    segs = _dims(groups, kept)
-    covered: dict[tuple[str, str], torch.Tensor] = {}
-    for g, k in zip(groups, kept):  # positions of pruned groups that were removed: not 'uncovered'
-        if k is None:
-            continue
-        for m in g.members:
-            key = (m.module, "in" if m.kind in IN_KINDS else "out")
-            mod = get_module(model, m.module)
-            n = _dim_size(mod, key[1])
-            cov = covered.setdefault(key, torch.zeros(n, dtype=torch.bool))
-            cov[m.pos.reshape(-1)] = True
+def apply_plan(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None],
+               index: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, Any]]:
+    """Slice every layer the kept units touch (in place); return {path: new shape} for the spec.
+    `index`, if given, receives each sliced layer's kept output channels (old positions, new order)."""
+    cg: ChannelGraph = groups[0].graph
+    run = PrunedMode(cg, kept)
+    with torch.no_grad():
+        cg.sim.run(run)
+    kinds: dict[str, dict[str, str]] = {}
+    for path, kind in cg.order:
+        if kind != "input":
+            kinds.setdefault(path, {})["in" if kind in IN_KINDS else "out"] = kind
     structure: dict[str, dict[str, Any]] = {}
-    for path in sorted({p for p, _ in segs}):
+    for path, ks in kinds.items():
+        idx = {side: old_positions(cg.seq[(path, k)] >> 1, run.seqs[(path, k)] >> 1) for side, k in ks.items()}
+        n_old = {side: cg.seq[(path, k)].numel() for side, k in ks.items()}
+        if all(idx[s].numel() == n_old[s] and torch.equal(idx[s], torch.arange(n_old[s])) for s in idx):
+            continue
+        if any(i.numel() == 0 for i in idx.values()):
+            raise ZooError(f"structured pruning: this would leave layer {path!r} with zero channels; "
+                           "use a smaller amount")
         mod = get_module(model, path)
-        out_idx = _index(segs.get((path, "out")), _dim_size(mod, "out"), covered.get((path, "out")))
-        in_idx = _index(segs.get((path, "in")), _dim_size(mod, "in"), covered.get((path, "in")))
-        new = _slice(path, mod, out_idx, in_idx)
-        set_module(model, path, new)
+        if index is not None:
+            index[path] = idx["out"]
+        new = slice_layer(path, mod, idx["out"], idx.get("in"))
+        if new is not mod:
+            set_module(model, path, new)
         structure[path] = describe(new)
     return structure
 
 
-def _dim_size(m: nn.Module, dim: str) -> int:
-    if isinstance(m, PadShortcut):
-        return m.out_chs if dim == "out" else m.in_chs
-    if isinstance(m, nn.Conv2d):
-        return m.out_channels if dim == "out" else m.in_channels
-    if isinstance(m, nn.Linear):
-        return m.out_features if dim == "out" else m.in_features
-    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return m.num_features
-    raise ZooError(f"structured pruning: cannot slice {type(m).__name__}")
+def old_positions(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """For each new position, the old position of its label (the j-th occurrence maps to the j-th)."""
+    table: dict[int, list[int]] = {}
+    for p, c in enumerate(old.tolist()):
+        table.setdefault(c, []).append(p)
+    used: dict[int, int] = {}
+    out = []
+    for c in new.tolist():
+        j = used.get(c, 0)
+        out.append(table[c][j])
+        used[c] = j + 1
+    return torch.tensor(out, dtype=torch.long)
 
 
-def _slice(path: str, m: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor) -> nn.Module:
-    """A new module holding the selected output / input channels of m."""
+def slice_layer(path: str, m: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> nn.Module:
+    """Keep output channels `out_idx` and input channels `in_idx` of a layer (in place where possible)."""
     if isinstance(m, PadShortcut):
         return _slice_shortcut(m, out_idx, in_idx)
     with torch.no_grad():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            new = type(m)(out_idx.numel(), m.eps, m.momentum, m.affine, m.track_running_stats)
-            new.load_state_dict(_bn_state(m, out_idx))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                _set(m, name, out_idx, None)
+            m.num_features = out_idx.numel()
         elif isinstance(m, nn.Linear):
-            new = nn.Linear(in_idx.numel(), out_idx.numel(), bias=m.bias is not None)
-            new.weight.copy_(m.weight[out_idx][:, in_idx])
-            if m.bias is not None:
-                new.bias.copy_(m.bias[out_idx])
+            _set(m, "weight", out_idx, in_idx)
+            _set(m, "bias", out_idx, None)
+            m.out_features, m.in_features = out_idx.numel(), in_idx.numel()
         elif isinstance(m, nn.Conv2d):
-            dw = m.groups > 1 and m.groups == m.in_channels == m.out_channels
-            if dw:
-                groups, w = out_idx.numel(), m.weight[out_idx]
-            else:
-                groups, w = m.groups, _grouped_weight(path, m, out_idx, in_idx)
-            new = nn.Conv2d(in_idx.numel() if not dw else out_idx.numel(), out_idx.numel(), m.kernel_size,
-                            m.stride, m.padding, m.dilation, groups, m.bias is not None, m.padding_mode)
-            new.weight.copy_(w)
-            if m.bias is not None:
-                new.bias.copy_(m.bias[out_idx])
+            _slice_conv(path, m, out_idx, in_idx)
         else:
             raise ZooError(f"structured pruning: cannot slice {path!r} of type {type(m).__name__}")
-    new.train(m.training)
-    return new.to(device=m.weight.device if hasattr(m, "weight") and m.weight is not None else None)
+    return m
 
 
-def _slice_shortcut(m: PadShortcut, out_idx: torch.Tensor, in_idx: torch.Tensor) -> PadShortcut:
+def _set(m: nn.Module, name: str, rows: torch.Tensor, cols: torch.Tensor | None) -> None:
+    t = getattr(m, name, None)
+    if not isinstance(t, torch.Tensor):
+        return
+    new = t.detach()[rows.to(t.device)]
+    if cols is not None:
+        new = new[:, cols.to(t.device)]
+    new = new.clone()
+    setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
+
+
+def _slice_conv(path: str, m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
+    if in_idx is None:  # depthwise: k filters per input channel
+        k = m.out_channels // m.in_channels
+        _set(m, "weight", out_idx, None)
+        _set(m, "bias", out_idx, None)
+        m.out_channels, m.in_channels = out_idx.numel(), out_idx.numel() // k
+        m.groups = m.in_channels
+        return
+    g = m.groups
+    if g > 1:
+        w = _grouped_weight(path, m, out_idx, in_idx)
+        m.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
+    else:
+        _set(m, "weight", out_idx, in_idx)
+    _set(m, "bias", out_idx, None)
+    m.out_channels, m.in_channels = out_idx.numel(), in_idx.numel()
+
+
+def _slice_shortcut(m: PadShortcut, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> PadShortcut:
     """The shortcut between the kept channels: kept input i goes where its old output channel now is,
     or nowhere if that output channel was removed (in the masked model it is dropped too, see zero_removed)."""
+    in_idx = torch.arange(m.in_chs) if in_idx is None else in_idx
     new_pos = {old: new for new, old in enumerate(out_idx.tolist())}
     index = [new_pos.get(m.index[i], -1) if m.index[i] >= 0 else -1 for i in in_idx.tolist()]
     new = PadShortcut(in_idx.numel(), out_idx.numel(), m.stride, index)
@@ -239,29 +197,20 @@ def _slice_shortcut(m: PadShortcut, out_idx: torch.Tensor, in_idx: torch.Tensor)
     return new
 
 
-def _bn_state(m: nn.Module, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    sd = {}
-    for k, v in m.state_dict().items():
-        sd[k] = v if k == "num_batches_tracked" else v[idx].clone()
-    return sd
-
-
 def _grouped_weight(path: str, m: nn.Conv2d, out_idx: torch.Tensor, in_idx: torch.Tensor) -> torch.Tensor:
     g = m.groups
-    if g == 1:
-        return m.weight[out_idx][:, in_idx]
     ob, ib = m.out_channels // g, m.in_channels // g
     if out_idx.numel() % g or in_idx.numel() % g:
-        raise AssertionError(f"{path}: kept channels not divisible by groups={g}")
+        raise ZooError(f"structured pruning: kept channels of {path!r} do not divide into its {g} conv groups")
     ob2, ib2 = out_idx.numel() // g, in_idx.numel() // g
     parts = []
     for k in range(g):
         rows = out_idx[k * ob2:(k + 1) * ob2]
         cols = in_idx[k * ib2:(k + 1) * ib2] - k * ib
         if bool(((rows // ob) != k).any()) or bool(((cols < 0) | (cols >= ib)).any()):
-            raise AssertionError(f"{path}: kept channels cross conv groups")
-        parts.append(m.weight[rows][:, cols])
-    return torch.cat(parts, 0)
+            raise ZooError(f"structured pruning: kept channels of {path!r} would cross its conv groups")
+        parts.append(m.weight.detach()[rows][:, cols])
+    return torch.cat(parts, 0).clone()
 
 
 def describe(m: nn.Module) -> dict[str, Any]:
@@ -272,32 +221,69 @@ def describe(m: nn.Module) -> dict[str, Any]:
         return {"type": "Conv2d", "in": m.in_channels, "out": m.out_channels, "groups": m.groups}
     if isinstance(m, nn.Linear):
         return {"type": "Linear", "in": m.in_features, "out": m.out_features}
-    return {"type": type(m).__name__, "num_features": m.num_features}
+    kind = "BatchNorm1d" if isinstance(m, nn.BatchNorm1d) else "BatchNorm2d"
+    return {"type": kind, "num_features": m.num_features}
+
+
+SHAPE_KEYS = {"PadShortcut": ("in", "out"), "Conv2d": ("in", "out", "groups"), "Linear": ("in", "out"),
+              "BatchNorm1d": ("num_features",), "BatchNorm2d": ("num_features",)}
 
 
 def rebuild_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> None:
-    """Recreate the recorded (smaller) layer shapes on a fresh model; weights are loaded afterwards."""
+    """Recreate the recorded (smaller) layer shapes on a fresh model, in place; weights are loaded afterwards."""
     for path, d in structure.items():
-        old = get_module(model, path)
-        t = d["type"]
-        if t == "Conv2d":
-            new = nn.Conv2d(d["in"], d["out"], old.kernel_size, old.stride, old.padding, old.dilation, d["groups"],
-                            old.bias is not None, old.padding_mode)
-        elif t == "Linear":
-            new = nn.Linear(d["in"], d["out"], bias=old.bias is not None)
-        elif t in ("BatchNorm1d", "BatchNorm2d"):
-            new = type(old)(d["num_features"], old.eps, old.momentum, old.affine, old.track_running_stats)
-        elif t == "PadShortcut":
-            new = PadShortcut(d["in"], d["out"], old.stride, d["index"])
+        t = _check_shape(path, d)
+        try:
+            old = get_module(model, path)
+        except AttributeError:
+            raise ZooError(f"spec: the model has no layer {path!r} to resize") from None
+        if t == "PadShortcut" and isinstance(old, PadShortcut):
+            try:
+                set_module(model, path, PadShortcut(d["in"], d["out"], old.stride, d.get("index")))
+            except (TypeError, ValueError) as e:
+                raise ZooError(f"spec: layer {path!r}: {e}") from None
+        elif t == "Conv2d" and isinstance(old, nn.Conv2d):
+            kh, kw = old.kernel_size
+            _fresh(old, "weight", (d["out"], d["in"] // d["groups"], kh, kw))
+            _fresh(old, "bias", (d["out"],))
+            old.in_channels, old.out_channels, old.groups = d["in"], d["out"], d["groups"]
+        elif t == "Linear" and isinstance(old, nn.Linear):
+            _fresh(old, "weight", (d["out"], d["in"]))
+            _fresh(old, "bias", (d["out"],))
+            old.in_features, old.out_features = d["in"], d["out"]
+        elif t in ("BatchNorm1d", "BatchNorm2d") and isinstance(old, nn.modules.batchnorm._BatchNorm):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                _fresh(old, name, (d["num_features"],))
+            old.num_features = d["num_features"]
         else:
-            raise ZooError(f"spec: unknown layer type {t!r} at {path!r}")
-        set_module(model, path, new)
+            raise ZooError(f"spec: cannot give {path!r} ({type(old).__name__}) the recorded shape {d!r}")
+
+
+def _check_shape(path: str, d: Any) -> str:
+    """The layer type of a recorded shape whose sizes are ints >= 1 (groups dividing a conv's channels)."""
+    t = d.get("type") if isinstance(d, dict) else None
+    if t not in SHAPE_KEYS:
+        raise ZooError(f"spec: layer {path!r} has shape {d!r}; expected a type among {', '.join(SHAPE_KEYS)}")
+    for k in SHAPE_KEYS[t]:
+        v = d.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ZooError(f"spec: layer {path!r}: {k}={v!r} is not allowed; expected an int >= 1")
+    if t == "Conv2d" and (d["in"] % d["groups"] or d["out"] % d["groups"]):
+        raise ZooError(f"spec: layer {path!r}: groups={d['groups']} does not divide in={d['in']} and out={d['out']}")
+    return t
+
+
+def _fresh(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    t = getattr(m, name, None)
+    if isinstance(t, torch.Tensor):
+        new = torch.zeros(shape, dtype=t.dtype, device=t.device)
+        setattr(m, name, nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new)
 
 
 def zero_removed(model: nn.Module, groups: list[Group], kept: list[torch.Tensor | None]) -> None:
     """Make the units a plan removes dead in the unpruned model (zero their filters, biases and BN
     affine, and drop option-A shortcut channels that land on them), so that the pruned model must
-    compute exactly the same function: a surgery self-check."""
+    compute exactly the same function: the masked model of a surgery self-check."""
     with torch.no_grad():
         for g, k in zip(groups, kept):
             if k is None:
@@ -305,10 +291,9 @@ def zero_removed(model: nn.Module, groups: list[Group], kept: list[torch.Tensor 
             gone = torch.ones(g.size, dtype=torch.bool)
             gone[k] = False
             for m in g.members:
-                if m.kind in IN_KINDS:
+                if m.kind not in OUT_SIDE:
                     continue
-                sel = gone[m.units]
-                pos = m.pos[sel].reshape(-1)
+                pos = m.pos[gone[m.units]].reshape(-1)
                 mod = get_module(model, m.module)
                 if isinstance(mod, PadShortcut):  # its identity must not revive a removed channel
                     dead = set(pos.tolist())
@@ -317,4 +302,5 @@ def zero_removed(model: nn.Module, groups: list[Group], kept: list[torch.Tensor 
                 for name in ("weight", "bias"):
                     t = getattr(mod, name, None)
                     if isinstance(t, torch.Tensor):
-                        t[pos] = 0
+                        t[pos.to(t.device)] = 0
+

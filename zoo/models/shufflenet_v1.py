@@ -1,6 +1,11 @@
 """ShuffleNet v1: Zhang et al. 2017, "ShuffleNet: An Extremely Efficient Convolutional Neural Network for
 Mobile Devices" (CVPR 2018, arXiv:1707.01083). Pointwise group convolutions with channel shuffle.
 
+Below width 1.0 the stem has 12 channels (8 for g = 8, which must divide it), as in the authors' released
+0.5x models (megvii-model/ShuffleNet-Series: 12 for g = 3, 16 for g = 8); this reproduces Table 2's
+38 MFLOPs (0.5x) and 13 MFLOPs (0.25x) within 5% for every g. `stem_channels=24` keeps the 24-channel
+stem of every width (zoo before issue 12, used by recipes/digits_compress.yaml).
+
 `stem="cifar"` (32 px inputs; no published table) makes the stem conv stride 1 and drops the stem
 max-pool, as ShuffleNet v2's CIFAR stem in chenyaofo/pytorch-cifar-models and the usual CIFAR
 ShuffleNet (e.g. kuangliu/pytorch-cifar): the network downsamples 8x, so 32 px ends at 4x4 instead
@@ -13,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from zoo._registry import Arg, ModelCard, Reference, register_model
+from zoo.errors import ZooError
 from zoo.layers import ConvNormAct, ShuffleV1Unit, ZooModel, init_weights, make_divisible
 
 # Output channels of stages 2-4 at width 1.0 for each group count, paper Table 1.
@@ -20,7 +26,8 @@ STAGE_CHANNELS: dict[int, tuple[int, int, int]] = {
     1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960), 4: (272, 544, 1088), 8: (384, 768, 1536),
 }
 REPEATS = (4, 8, 4)
-STEM = 24
+STEM = 24  # stem channels at width >= 1.0
+SMALL_STEM = 12  # below width 1.0 (rounded down to a multiple of g)
 STEMS = ("imagenet", "cifar")  # cifar: stride-1 stem conv and no stem max-pool
 
 
@@ -29,16 +36,21 @@ class ShuffleNetV1(ZooModel):
 
     Stage channels are scaled by `width` and rounded to multiples of 4*g, so that the bottleneck
     (a quarter of the output) and every branch (out - in on stride-2 units) divide by g. At width 1.0
-    this reproduces Table 1 exactly. The 24-channel stem is not scaled (it divides by every g).
+    this reproduces Table 1 exactly. The stem has 24 channels at width >= 1 and 12 (8 for g = 8) below,
+    unless `stem_channels` (a multiple of g) fixes it.
     """
 
     def __init__(self, groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, stem: str = "imagenet"):
+                 drop_rate: float = 0.0, stem: str = "imagenet", stem_channels: int = 0):
         super().__init__(in_chans, min_input_size=32)
         imagenet = stem == "imagenet"
-        self.stem = ConvNormAct(in_chans, STEM, 3, 2 if imagenet else 1)  # (N, 24, H/2, W/2) ImageNet
-        self.stem_pool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()  # (N, 24, H/4, W/4) ImageNet
-        stages, prev = [], STEM
+        chs = stem_channels or stem_width(width, groups)
+        if chs % groups:
+            raise ZooError(f"shufflenet_v1: stem_channels={stem_channels} is not allowed; expected 0 (by width) "
+                           f"or a multiple of groups={groups}")
+        self.stem = ConvNormAct(in_chans, chs, 3, 2 if imagenet else 1)  # (N, chs, H/2, W/2) ImageNet
+        self.stem_pool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()  # (N, chs, H/4, W/4) ImageNet
+        stages, prev = [], chs
         for si, (c, n) in enumerate(zip(STAGE_CHANNELS[groups], REPEATS)):
             out = make_divisible(c * width, 4 * groups)
             units = []
@@ -56,6 +68,11 @@ class ShuffleNetV1(ZooModel):
         return self.stages(self.stem_pool(self.stem(x)))
 
 
+def stem_width(width: float, groups: int) -> int:
+    """Stem channels of ShuffleNet s x: 24 for s >= 1, else 12 rounded down to a multiple of g."""
+    return STEM if width >= 1.0 else SMALL_STEM // groups * groups
+
+
 _SRC = "Zhang et al. 2017, Table 2 (ShuffleNet 1x)"
 # Paper complexity (MFLOPs, i.e. mult-adds) of ShuffleNet 1x for g = 1, 2, 3, 4, 8 is about 140 M.
 CARD = ModelCard(
@@ -68,10 +85,16 @@ CARD = ModelCard(
         "width": Arg(float, 1.0, choices=(0.25, 0.5, 1.0, 1.5, 2.0), doc="width multiplier s"),
         "drop_rate": Arg(float, 0.0, min=0.0, max=0.99, doc="dropout before the classifier"),
         "stem": Arg(str, "imagenet", choices=STEMS, doc="'cifar': stride-1 stem, no max-pool, for 32 px inputs"),
+        "stem_channels": Arg(int, 0, min=0, max=96,
+                             doc="stem width; 0: 24 at width >= 1, else 12 (8 for g=8), as Table 2"),
     },
     references=tuple(
         Reference({"groups": g}, _SRC, macs=140_000_000, macs_rtol=0.05, label=f"ShuffleNet 1x (g={g})")
         for g in (1, 2, 3, 4, 8)
+    ) + tuple(
+        Reference({"groups": g, "width": w}, f"Zhang et al. 2017, Table 2 (ShuffleNet {w:g}x)", macs=macs,
+                  macs_rtol=0.05, label=f"ShuffleNet {w:g}x (g={g})")
+        for w, macs in ((0.5, 38_000_000), (0.25, 13_000_000)) for g in (1, 2, 3, 4, 8)
     ),
     resolution_by=(("stem", "cifar", 32),),
     description="Pointwise group convolutions and channel shuffle.",
@@ -80,7 +103,7 @@ CARD = ModelCard(
 
 @register_model(CARD)
 def shufflenet_v1(groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.0, stem: str = "imagenet") -> ShuffleNetV1:
+                  drop_rate: float = 0.0, stem: str = "imagenet", stem_channels: int = 0) -> ShuffleNetV1:
     """ShuffleNet v1 (Zhang et al. 2017) with `groups` in {1,2,3,4,8}, width in {0.25,...,2.0} and a stem."""
     return ShuffleNetV1(groups=groups, width=width, num_classes=num_classes, in_chans=in_chans,
-                        drop_rate=drop_rate, stem=stem)
+                        drop_rate=drop_rate, stem=stem, stem_channels=stem_channels)
