@@ -184,8 +184,8 @@ def test_other_width_names_shape_mismatches(ckpt):
     with pytest.raises(zoo.ZooError) as exc:
         zoo.create("mobilenet_v1", width=0.5, weights=str(p))
     msg = str(exc.value)
-    assert "saved for mobilenet_v1(act='relu', drop_rate=0.0, in_chans=3, num_classes=10, width=0.25)" in msg
-    assert "do not fit mobilenet_v1(act='relu', drop_rate=0.0, in_chans=3, num_classes=10, width=0.5)" in msg
+    assert "saved for mobilenet_v1(act='relu', drop_rate=0.0, in_chans=3, num_classes=10, padding='symmetric', stem='imagenet', width=0.25)" in msg
+    assert "do not fit mobilenet_v1(act='relu', drop_rate=0.0, in_chans=3, num_classes=10, padding='symmetric', stem='imagenet', width=0.5)" in msg
     assert "136 shape mismatches (stem.conv.weight: checkpoint (8, 3, 3, 3) vs model (16, 3, 3, 3), " in msg
     assert "blocks.0.dw.conv.weight: checkpoint (8, 1, 3, 3) vs model (16, 1, 3, 3)" in msg  # next layer, not stem.bn
     assert "missing keys" not in msg and "unexpected keys" not in msg

@@ -6,21 +6,22 @@ shortcuts) and the CIFAR-10 JPEG q75 test copy under zoo.data.sources.data_root(
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image
+import yaml
 from safetensors.torch import save_file
 
 import zoo
 from zoo.cli import main
+from zoo.data import get_loaders
 from zoo.data.sources import data_root
+from zoo.recipe import run_recipe
+from zoo.train import evaluate
 from zoo.weights import import_state_dict, read_checkpoint
 from zoo.weights.foreign import foreign_order
 
@@ -176,17 +177,6 @@ def test_cli_import(tmp_path, capsys):
     assert "--mean 'a,b' is not allowed" in capsys.readouterr().err
 
 
-def _cifar10_test_set() -> tuple[torch.Tensor, torch.Tensor]:
-    """The CIFAR-10 JPEG q75 test split as normalised (N, 3, 32, 32) floats and labels (decoded here)."""
-    z = np.load(CIFAR_TEST, allow_pickle=False)
-    jpeg, off = z["jpeg"], z["offsets"]
-    imgs = np.stack([np.asarray(Image.open(io.BytesIO(jpeg[off[i]:off[i + 1]].tobytes())).convert("RGB"))
-                     for i in range(len(off) - 1)])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(255)  # ToTensor
-    x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    return x, torch.from_numpy(z["labels"])
-
-
 @pytest.mark.skipif(not (PRETRAINED / "resnet20.safetensors").is_file() or not CIFAR_TEST.is_file(),
                     reason=f"needs the offline pretrained CIFAR ResNets ({PRETRAINED}) and the CIFAR-10 JPEG "
                            f"test copy ({CIFAR_TEST}); set $ZOO_DATA or place ../shared/data")
@@ -194,9 +184,20 @@ def test_pretrained_resnet20_top1_on_cifar10_jpeg(tmp_path):
     out = import_state_dict(PRETRAINED / "resnet20.safetensors", "resnet20", tmp_path / "r20.safetensors",
                             classes="cifar10", mean=MEAN, std=STD)
     m = zoo.create("resnet20", weights=str(out)).eval()
-    x, y = _cifar10_test_set()
-    assert len(y) == 10_000
-    with torch.inference_mode():
-        pred = torch.cat([m(x[i:i + 500]).argmax(1) for i in range(0, len(y), 500)])
-    top1 = 100 * (pred == y).double().mean().item()
+    _, val, info = get_loaders("cifar10", (3, 32, 32), batch_size=500, mean=MEAN, std=STD)  # ToTensor + normalise
+    assert info.num_val == 10_000 and info.title == "CIFAR-10 (JPEG q75 copy)"
+    top1 = evaluate(m, val)["top1"]
     assert top1 == pytest.approx(81.03, abs=0.05)  # CIFAR-10 (JPEG q75 copy); 91.73 published on the lossless set
+
+
+def test_recipe_train_stage_starts_from_a_foreign_state_dict(tmp_path):
+    ref = _reference()
+    src = _save(ref.state_dict(), tmp_path / "foreign.safetensors")
+    recipe = {"name": "t", "dataset": {"name": "digits", "input_size": [3, 32, 32]}, "seed": 0,
+              "defaults": {"train": {"epochs": 1, "batch_size": 64, "lr": 0.01}},
+              "stages": {"r20": {"type": "train", "model": "resnet20", "init": str(src), "freeze_backbone": True}}}
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(path, out=tmp_path / "run", quick=True, log=lambda s: None)
+    m = zoo.create("resnet20", weights=str(tmp_path / "run" / "r20" / "seed0" / "model.safetensors"))
+    assert torch.equal(m.stages[1][0].conv1.conv.weight, ref.layer2[0].conv1.weight)  # the foreign weights

@@ -6,6 +6,9 @@
 block of the 24-channel stage get stride 1 instead of 2, so the network downsamples 8x and 32 px
 ends at 4x4. Parameters are unchanged; the default input side becomes 32. With 10 classes the
 params and MACs equal that repository's README table (checked by `zoo tables`).
+
+`padding="same"` pads the strided convs like TensorFlow's SAME (zoo.models._tf_same), as TF-slim /
+TFLite MobileNets were trained; `zoo.weights.tflite` imports those files with it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn as nn
 
 from zoo._registry import Arg, ModelCard, Reference, register_model
 from zoo.layers import ConvNormAct, InvertedResidual, ZooModel, init_weights, make_divisible
+from zoo.models._tf_same import PADDINGS, conv_norm_act
 
 # (expansion t, out channels c, repeats n, first stride s), paper Table 2.
 CFG: tuple[tuple[int, int, int, int], ...] = (
@@ -32,16 +36,21 @@ class MobileNetV2(ZooModel):
     """MobileNet v2: stem, 17 inverted residual blocks, 1x1 conv to 1280 (scaled up only for width > 1)."""
 
     def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
-                 stem: str = "imagenet"):
+                 stem: str = "imagenet", padding: str = "symmetric"):
         super().__init__(in_chans, min_input_size=32)
         stem_stride, cfg = STEMS[stem]
         prev = make_divisible(32 * width, 8)
-        self.stem = ConvNormAct(in_chans, prev, 3, stem_stride, act="relu6")  # (N, 32, H/2, W/2) ImageNet
+        # (N, 32, H/2, W/2) ImageNet
+        self.stem = conv_norm_act(in_chans, prev, 3, stem_stride, act="relu6", padding=padding)
         blocks = []
         for t, c, n, s in cfg:
             out = make_divisible(c * width, 8)
             for i in range(n):
-                blocks.append(InvertedResidual(prev, out, s if i == 0 else 1, t))
+                block = InvertedResidual(prev, out, s if i == 0 else 1, t)
+                if padding == "same" and i == 0 and s > 1:  # only strided convs pad differently from PyTorch
+                    hidden = block.dw.conv.in_channels
+                    block.dw = conv_norm_act(hidden, hidden, 3, s, groups=hidden, act="relu6", padding=padding)
+                blocks.append(block)
                 prev = out
         self.blocks = nn.Sequential(*blocks)  # (N, 320, H/32, W/32) ImageNet; (N, 320, H/8, W/8) CIFAR
         last = make_divisible(1280 * max(1.0, width), 8)
@@ -70,6 +79,7 @@ CARD = ModelCard(
         "resolution": Arg(int, 224, min=32, max=1024, doc="default input side (resolution multiplier)"),
         "drop_rate": Arg(float, 0.2, min=0.0, max=0.99, doc="dropout before the classifier"),
         "stem": Arg(str, "imagenet", choices=tuple(STEMS), doc="'cifar': 8x downsampling for 32 px inputs"),
+        "padding": Arg(str, "symmetric", choices=PADDINGS, doc="'same': TensorFlow SAME padding (TF-slim weights)"),
     },
     references=(
         Reference({"width": 1.0}, "torchvision params; Sandler et al. 2018, Table 3 MACs", params=3_504_872,
@@ -85,6 +95,7 @@ CARD = ModelCard(
 
 @register_model(CARD)
 def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.2, stem: str = "imagenet") -> MobileNetV2:
+                 drop_rate: float = 0.2, stem: str = "imagenet", padding: str = "symmetric") -> MobileNetV2:
     """MobileNet v2 (Sandler et al. 2018); `resolution` sets the default input size, `stem` the early strides."""
-    return MobileNetV2(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)
+    return MobileNetV2(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem,
+                       padding=padding)

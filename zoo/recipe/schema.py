@@ -18,10 +18,15 @@ import yaml
 
 from zoo._registry import model_args, model_card
 from zoo.data import IMAGENET_MEAN, IMAGENET_STD
+from zoo.data.sources import data_root
 from zoo.errors import ZooError
+from zoo.untrusted import check_flow_depth, check_tree, clip, read_text, short_repr
 
 DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
+DATA_PREFIX = "$ZOO_DATA/"  # recipe paths starting with this are under zoo.data.sources.data_root()
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+# file suffixes a file-reference key accepts (default: .safetensors); `init` also takes TFLite files
+FILE_REF_SUFFIXES: dict[str, tuple[str, ...]] = {"init": (".safetensors", ".tflite")}
 
 
 class RecipeError(ZooError):
@@ -45,7 +50,7 @@ class Checker:
             raise self.fail(path, f"expected a mapping, got {_tname(value)} {_short(value)}")
         for k in value:
             if not isinstance(k, str):
-                raise self.fail(path, f"keys must be strings, got {k!r}")
+                raise self.fail(path, f"keys must be strings, got {_short(k)}")
             if allowed is not None and k not in allowed:
                 raise self.fail(_join(path, k), "unknown key; allowed: " + ", ".join(allowed))
         for k in required:
@@ -83,8 +88,7 @@ def _tname(v: Any) -> str:
 
 
 def _short(v: Any) -> str:
-    s = repr(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return short_repr(v, 60)  # bounded: never repr() a whole (possibly alias-expanded) user value
 
 
 def _join(path: str, key: str) -> str:
@@ -214,7 +218,7 @@ TOP_KEYS = {
 DATASET_KEYS = {
     "name": "one of " + ", ".join(DATASETS),
     "input_size": "[C, H, W] fed to the models",
-    "root": "data folder (relative paths are relative to the recipe file)",
+    "root": "data folder (relative paths are relative to the recipe file; $ZOO_DATA/... is under the data root)",
     "val_fraction": "held-out fraction in (0, 1)",
     "num_workers": "DataLoader workers",
     "normalize": "'dataset' (the training split's mean/std, default), 'imagenet' (torchvision's ImageNet "
@@ -242,19 +246,27 @@ def load_yaml(path: Path) -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
-                raise RecipeError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+                raise RecipeError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {_short(key)}")
             seen.add(key)
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
     _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
     try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror}") from None
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        text = check_flow_depth(read_text(path, "recipe"), str(path))  # before PyYAML recurses into it
+    except ZooError as e:
+        raise RecipeError(str(e)) from None
+    try:  # deep nesting overflows the parser's stack; ints over Python's digit limit raise ValueError
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(f"{path}: not valid YAML: {clip(str(e), 300)}") from None
+    except RecipeError:
+        raise
+    except (RecursionError, ValueError) as e:
+        raise RecipeError(f"{path}: not a usable YAML document ({type(e).__name__}: {clip(str(e))})") from None
+    try:
+        return check_tree(raw, str(path))  # alias bombs and deep nesting, before anything walks the value
+    except ZooError as e:
+        raise RecipeError(str(e)) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -273,7 +285,7 @@ def validate_recipe(raw: Any, path: Path) -> Recipe:
     chk.mapping(raw, "", TOP_KEYS, required=("dataset", "stages"))
     name = chk.typed(raw.get("name", path.stem.split(".")[0]), "name", "str")
     if not STAGE_NAME.match(name):
-        raise chk.fail("name", f"{name!r} is not allowed; use letters, digits, '_' and '-'")
+        raise chk.fail("name", f"{_short(name)} is not allowed; use letters, digits, '_' and '-'")
     description = chk.typed(raw.get("description", ""), "description", "str")
     dataset = _dataset(chk, raw["dataset"], path)
     seeds = _seeds(chk, raw)
@@ -308,6 +320,15 @@ def _positive_int(chk: Checker, v: Any, path: str) -> int:
     return v
 
 
+def recipe_path(value: str, recipe: Path) -> Path:
+    """A path written in a recipe: `$ZOO_DATA/...` is under zoo's data root ($ZOO_DATA, else
+    ../shared/data), `~` is expanded, and other relative paths are relative to the recipe file."""
+    if value.startswith(DATA_PREFIX):
+        return data_root() / value[len(DATA_PREFIX):]
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else recipe.parent / p
+
+
 def _normalize(chk: Checker, v: Any, channels: int) -> Any:
     """'dataset', or {mean, std} lists (one finite number per channel, std > 0); 'imagenet' expands."""
     if v == "imagenet":
@@ -327,17 +348,16 @@ def _dataset(chk: Checker, d: Any, path: Path) -> dict[str, Any]:
     chk.mapping(d, "dataset", DATASET_KEYS, required=("name", "input_size"))
     name = chk.typed(d["name"], "dataset.name", "str")
     if name not in DATASETS:
-        raise chk.fail("dataset.name", f"{name!r} is not supported; allowed: " + ", ".join(DATASETS))
+        raise chk.fail("dataset.name", f"{_short(name)} is not supported; allowed: " + ", ".join(DATASETS))
     size = chk.typed(d["input_size"], "dataset.input_size", "int_list")
     if len(size) != 3 or min(size) < 1:
-        raise chk.fail("dataset.input_size", f"{size!r} is not allowed; expected [C, H, W] of positive ints")
+        raise chk.fail("dataset.input_size", f"{_short(size)} is not allowed; expected [C, H, W] of positive ints")
     if size[0] not in (1, 3):
-        raise chk.fail("dataset.input_size", f"{size!r} has {size[0]} channels; the datasets deliver 1 or 3")
+        raise chk.fail("dataset.input_size", f"{_short(size)} has {size[0]} channels; the datasets deliver 1 or 3")
     out: dict[str, Any] = {"name": name, "input_size": list(size), "root": None, "val_fraction": 0.2,
                            "num_workers": 0, "normalize": _normalize(chk, d.get("normalize", "dataset"), size[0])}
     if d.get("root") is not None:
-        root = Path(chk.typed(d["root"], "dataset.root", "str")).expanduser()
-        out["root"] = str(root if root.is_absolute() else (path.parent / root))
+        out["root"] = str(recipe_path(chk.typed(d["root"], "dataset.root", "str"), path))
     if "val_fraction" in d:
         vf = chk.typed(d["val_fraction"], "dataset.val_fraction", "float")
         if not 0 < vf < 1:
@@ -364,7 +384,7 @@ def _seeds(chk: Checker, raw: dict) -> list[int]:
     if "seeds" in raw:
         seeds = chk.typed(raw["seeds"], "seeds", "int_list")
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise chk.fail("seeds", f"{seeds!r} is not allowed; expected a non-empty list of distinct ints >= 0")
+            raise chk.fail("seeds", f"{_short(seeds)} is not allowed; expected a non-empty list of distinct ints >= 0")
         return list(seeds)
     return [_seed_value(chk, raw.get("seed", 0), "seed")]
 
@@ -374,13 +394,13 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
     for name, st in stages_raw.items():
         p = f"stages.{name}"
         if not STAGE_NAME.match(name):
-            raise chk.fail(p, f"stage name {name!r} is not allowed; use letters, digits, '_' and '-'")
+            raise chk.fail(p, f"stage name {_short(name)} is not allowed; use letters, digits, '_' and '-'")
         chk.mapping(st, p)
         if "type" not in st:
             raise chk.fail(f"{p}.type", "missing required key; allowed: " + ", ".join(STAGE_TYPES))
         typ = chk.typed(st["type"], f"{p}.type", "str")
         if typ not in STAGE_TYPES:
-            raise chk.fail(f"{p}.type", f"{typ!r} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
+            raise chk.fail(f"{p}.type", f"{_short(typ)} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
         stype = STAGE_TYPES[typ]
         allowed = {**COMMON_STAGE_KEYS, **stype.keys}
         chk.mapping(st, p, allowed)
@@ -406,15 +426,15 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
             if key not in st:
                 continue
             v = chk.typed(st[key], f"{p}.{key}", "str")
-            if key in stype.file_refs and v not in stages_raw and v.endswith(".safetensors"):
-                f = Path(v).expanduser()
-                f = f if f.is_absolute() else path.parent / f
+            suffixes = FILE_REF_SUFFIXES.get(key, (".safetensors",))
+            if key in stype.file_refs and v not in stages_raw and v.endswith(suffixes):
+                f = recipe_path(v, path)
                 if not f.is_file():
                     raise chk.fail(f"{p}.{key}", f"weights file {str(f)!r} does not exist")
                 files[key] = f
             else:
                 refs.append(_ref(chk, f"{p}.{key}", v, stages_raw, name,
-                                 also=" or a .safetensors file" if key in stype.file_refs else ""))
+                                 also=f" or a {' / '.join(suffixes)} file" if key in stype.file_refs else ""))
         parsed[name] = {"raw": st, "type": typ, "options": options, "deps": tuple(dict.fromkeys(refs)),
                         "files": files}
     order = _toposort(chk, parsed)
@@ -433,7 +453,7 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
         if seed is not None:
             for dep in info["deps"]:
                 if out[dep].seed is None:
-                    raise chk.fail(f"{p}.seed", f"a stage with a fixed seed cannot depend on stage {dep!r}, "
+                    raise chk.fail(f"{p}.seed", f"a stage with a fixed seed cannot depend on stage {_short(dep)}, "
                                                 "which follows the recipe's seeds; give it a fixed seed too")
         out[name] = StageSpec(name=name, type=info["type"], model=model, kwargs=kwargs, source=st.get("from"),
                               seed=seed, options=info["options"], deps=info["deps"], files=info["files"])
@@ -443,9 +463,9 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
 def _ref(chk: Checker, path: str, value: Any, stages: dict, self_name: str, also: str = "") -> str:
     chk.typed(value, path, "str")
     if value == self_name:
-        raise chk.fail(path, f"a stage cannot refer to itself ({value!r})")
+        raise chk.fail(path, f"a stage cannot refer to itself ({_short(value)})")
     if value not in stages:
-        raise chk.fail(path, f"{value!r} is not a stage; allowed: " + ", ".join(s for s in stages if s != self_name)
+        raise chk.fail(path, f"{_short(value)} is not a stage; allowed: " + ", ".join(s for s in stages if s != self_name)
                        + also)
     return value
 
@@ -484,7 +504,7 @@ def check_model_kwargs(chk: Checker, path: str, model: str, kwargs: dict, datase
         raise chk.fail(f"{path}.model", str(e)) from None
     for k, v in kwargs.items():
         if k not in args:
-            raise chk.fail(f"{path}.kwargs.{k}", f"{model} has no argument {k!r}; accepted: " + ", ".join(sorted(args)))
+            raise chk.fail(f"{path}.kwargs.{k}", f"{model} has no argument {_short(k)}; accepted: " + ", ".join(sorted(args)))
         try:
             args[k].validate(model, k, v)
         except ZooError as e:
@@ -493,7 +513,7 @@ def check_model_kwargs(chk: Checker, path: str, model: str, kwargs: dict, datase
     c, h, w = dataset["input_size"]
     for k in ("in_chans", "num_classes", "resolution"):
         if k in kwargs and full[k] != kwargs[k]:
-            raise chk.fail(f"{path}.kwargs.{k}", f"{kwargs[k]!r} does not match the dataset ({k}={full[k]!r}); "
+            raise chk.fail(f"{path}.kwargs.{k}", f"{_short(kwargs[k])} does not match the dataset ({k}={_short(full[k])}); "
                                                  "leave it out, the dataset sets it")
     card = model_card(model)
     if card.fixed_resolution:
@@ -541,7 +561,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
         chk.mapping(r, p, ROW_KEYS, required=("stage",))
         stage = chk.typed(r["stage"], f"{p}.stage", "str")
         if stage not in stages:
-            raise chk.fail(f"{p}.stage", f"{stage!r} is not a stage; allowed: " + ", ".join(stages))
+            raise chk.fail(f"{p}.stage", f"{_short(stage)} is not a stage; allowed: " + ", ".join(stages))
         label = chk.typed(r.get("label", default_label(stages[stage])), f"{p}.label", "str")
         ref = dict(chk.mapping(r.get("reference", {}) or {}, f"{p}.reference", REFERENCE_KEYS))
         for k in ("top1", "errors_per_10k", "params"):
@@ -557,7 +577,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
     columns = chk.typed(t.get("columns", list(DEFAULT_COLUMNS)), "table.columns", "str_list")
     for i, c in enumerate(columns):
         if c not in COLUMNS:
-            raise chk.fail(f"table.columns[{i}]", f"{c!r} is not a column; allowed: " + ", ".join(COLUMNS))
+            raise chk.fail(f"table.columns[{i}]", f"{_short(c)} is not a column; allowed: " + ", ".join(COLUMNS))
     return rows, list(columns)
 
 
@@ -573,7 +593,7 @@ def _quick(chk: Checker, q: Any, seeds: list[int]) -> dict[str, Any]:
     if "seeds" in q:
         s = chk.typed(q["seeds"], "quick.seeds", "int_list")
         if not s or len(set(s)) != len(s) or min(s) < 0:
-            raise chk.fail("quick.seeds", f"{s!r} is not allowed; expected a non-empty list of distinct ints >= 0")
+            raise chk.fail("quick.seeds", f"{_short(s)} is not allowed; expected a non-empty list of distinct ints >= 0")
         out["seeds"] = list(s)
     if "train" in q:
         from zoo.recipe.stages import check_train_config

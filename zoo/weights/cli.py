@@ -10,6 +10,7 @@ from zoo.cli import model_kwargs_from_args
 from zoo.errors import ZooError
 from zoo.weights.checkpoint import read_checkpoint
 from zoo.weights.foreign import CLASS_SETS, import_state_dict
+from zoo.weights.tflite import import_tflite_command, is_tflite
 from zoo.weights.index import WeightsEntry, list_weights, register_checkpoint, verify_index, weights_for
 
 
@@ -76,6 +77,12 @@ def _floats(flag: str, raw: str | None) -> list[float] | None:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    if is_tflite(args.path):  # architecture, classes and normalisation come from the file itself
+        print(import_tflite_command(args.path, args.out, model=args.name))
+        return 0
+    if args.name is None:
+        raise ZooError(f"--model is required for {args.path}: a safetensors state dict does not say which zoo model "
+                       "it fits (only TFLite MobileNets are detected from the file)")
     kwargs = model_kwargs_from_args(args)
     out = import_state_dict(args.path, args.name, args.out, classes=args.classes,
                             mean=_floats("--mean", args.mean), std=_floats("--std", args.std), **kwargs)
@@ -85,12 +92,15 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _add_import(ws: Any) -> None:
-    i = ws.add_parser("import", help="turn a foreign safetensors state dict into a zoo checkpoint",
+    i = ws.add_parser("import", help="turn a foreign safetensors state dict or a TFLite MobileNet into a zoo checkpoint",
                       description="Map a foreign state dict onto a zoo model by structure (tensors paired in "
                                   "module order, shapes checked) and save it with spec, classes and "
-                                  "normalisation in the header. Safetensors only: pickle files are refused.")
-    i.add_argument("path", help="the foreign .safetensors state dict")
-    i.add_argument("--model", dest="name", required=True, help="registered zoo model, e.g. resnet56")
+                                  "normalisation in the header. Safetensors only: pickle files are refused. "
+                                  "A .tflite MobileNet (v1/v2, uint8 or float) is detected, dequantized and "
+                                  "imported with its 1000 ImageNet classes (zoo.weights.tflite).")
+    i.add_argument("path", help="the foreign .safetensors state dict, or a .tflite file")
+    i.add_argument("--model", dest="name", default=None,
+                   help="registered zoo model, e.g. resnet56 (required for safetensors; checked for .tflite)")
     i.add_argument("--kw", action="append", metavar="KEY=VALUE", default=[],
                    help="a model argument (repeatable), e.g. --kw shortcut=A")
     i.add_argument("--out", required=True, help="the zoo checkpoint to write (.safetensors)")

@@ -31,7 +31,7 @@ import torch.nn as nn
 
 from zoo._registry import create
 from zoo.errors import ZooError
-from zoo.weights.checkpoint import (describe_spec, load_checkpoint_tensors, read_checkpoint, save_checkpoint,
+from zoo.weights.checkpoint import (Checkpoint, describe_spec, load_checkpoint_tensors, read_checkpoint, save_checkpoint,
                                     sha256_file)
 
 SKIPPED = ("num_batches_tracked",)  # BatchNorm counters: not weights, absent from many exports
@@ -133,6 +133,18 @@ def _norm(name: str, value: Sequence[float] | None) -> list[float] | None:
     return vals
 
 
+def load_foreign(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
+    """Fill `model` in place with a foreign checkpoint's tensors, paired by structure (see match_tensors)."""
+    pairs = match_tensors(ckpt.shapes, model, f"{str(ckpt.path)!r}")
+    tensors = load_checkpoint_tensors(ckpt)
+    state = model.state_dict()
+    with torch.no_grad():
+        for fk, zk in pairs:
+            state[zk] = tensors[fk].to(dtype=state[zk].dtype).clone()
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def import_state_dict(path: str | os.PathLike, model_name: str, out: str | os.PathLike, *,
                       classes: str | os.PathLike | Sequence[str] | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -147,13 +159,6 @@ def import_state_dict(path: str | os.PathLike, model_name: str, out: str | os.Pa
     out_p = Path(out)
     if out_p.exists() and out_p.resolve() == ckpt.path.resolve():
         raise ZooError(f"out={str(out_p)!r} is the foreign file itself; write the zoo checkpoint elsewhere")
-    model = create(model_name, **kwargs)
-    pairs = match_tensors(ckpt.shapes, model, f"{str(ckpt.path)!r}")
-    tensors = load_checkpoint_tensors(ckpt)
-    state = model.state_dict()
-    with torch.no_grad():
-        for fk, zk in pairs:
-            state[zk] = tensors[fk].to(dtype=state[zk].dtype).clone()
-    model.load_state_dict(state, strict=True)
+    model = load_foreign(ckpt, create(model_name, **kwargs))
     source = {"file": ckpt.path.name, "sha256": sha256_file(ckpt.path)}
     return save_checkpoint(model, out_p, classes=names, mean=mean, std=std, extra={"imported_from": source})
