@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# hypothesis caches (unicode tables, constants) go to a temp folder, not a new .hypothesis/ in the repo root;
+# read lazily by hypothesis, so setting it here, before the first test runs, is early enough
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "zoo-hypothesis"))
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = Path(os.environ.get("ZOO_MNIST", REPO.parent / "shared" / "data" / "mnist"))

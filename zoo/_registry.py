@@ -11,12 +11,14 @@ import difflib
 import fnmatch
 import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+import torch
 import torch.nn as nn
 
 from zoo.errors import ZooError
+from zoo.untrusted import short_repr
 
 # Modules that define model families. They are imported explicitly (not via star-import side effects)
 # the first time the registry is queried.
@@ -29,6 +31,13 @@ FAMILY_MODULES: tuple[str, ...] = (
     "zoo.models.resnet",
     "zoo.models.lenet",
 )
+# Bounds that hold for every model, so that no kwargs (e.g. from a crafted checkpoint header) can make
+# `create` allocate more than a few GB: class count, tuple kwargs (layer widths) and their length.
+MAX_NUM_CLASSES = 100_000
+MAX_TUPLE_VALUE = 16_384
+MAX_TUPLE_LEN = 16
+MAX_NAME_LEN = 64  # longer model names are not registered; they get no "did you mean"
+MAX_PARAMS = 1_000_000_000  # parameters of a model rebuilt from a file (checked on the meta device first)
 
 
 @dataclass(frozen=True)
@@ -57,14 +66,16 @@ class Arg:
 
     def validate(self, model: str, name: str, value: Any) -> Any:
         """Return the value converted to the declared type, or raise ZooError naming the problem."""
-        bad = ZooError(f"{model}: {name}={value!r} is not allowed; expected {self.describe()}")
+        bad = ZooError(f"{model}: {name}={short_repr(value)} is not allowed; expected {self.describe()}")
         if self.type is tuple:
             if isinstance(value, (int,)) and not isinstance(value, bool):
                 value = (value,)
-            if not isinstance(value, (tuple, list)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            hi = int(self.max) if self.max is not None else MAX_TUPLE_VALUE
+            if not isinstance(value, (tuple, list)) or len(value) > MAX_TUPLE_LEN or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= hi for v in value
             ):
-                raise ZooError(f"{model}: {name}={value!r} is not allowed; expected a tuple of positive ints")
+                raise ZooError(f"{model}: {name}={short_repr(value)} is not allowed; expected a tuple of at most "
+                               f"{MAX_TUPLE_LEN} ints from 1 to {hi}")
             return tuple(value)
         if self.type is bool:
             if not isinstance(value, bool):
@@ -88,7 +99,7 @@ class Arg:
         if self.choices is not None:
             if value not in self.choices:
                 raise ZooError(
-                    f"{model}: {name}={value!r} is not supported; allowed: "
+                    f"{model}: {name}={short_repr(value)} is not supported; allowed: "
                     + ", ".join(repr(c) for c in self.choices)
                 )
             return value
@@ -143,7 +154,7 @@ class ModelCard:
 
 
 COMMON_ARGS: dict[str, Arg] = {
-    "num_classes": Arg(int, 1000, min=1, doc="number of output classes"),
+    "num_classes": Arg(int, 1000, min=1, max=MAX_NUM_CLASSES, doc="number of output classes"),
     "in_chans": Arg(int, 3, min=1, max=64, doc="number of input channels"),
 }
 
@@ -168,6 +179,8 @@ def register_model(card: ModelCard) -> Callable[[Callable[..., nn.Module]], Call
         args = dict(card.args)
         for k, v in COMMON_ARGS.items():
             args.setdefault(k, v)
+        if args["num_classes"].max is None:  # a family's own num_classes default keeps the global bound
+            args["num_classes"] = replace(args["num_classes"], max=MAX_NUM_CLASSES)
         _REGISTRY[card.name] = _Entry(fn=fn, card=card, all_args=args)
         return fn
 
@@ -186,6 +199,9 @@ def _entry(name: str) -> _Entry:
     _ensure_loaded()
     if not isinstance(name, str):
         raise ZooError(f"model name must be a string, got {type(name).__name__}")
+    if len(name) > MAX_NAME_LEN:
+        raise ZooError(f"unknown model {short_repr(name)}: names have at most {MAX_NAME_LEN} characters; "
+                       "see zoo.list_models()")
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see zoo.list_models()"
@@ -215,7 +231,7 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     unknown = [k for k in kwargs if k not in entry.all_args]
     if unknown:
         raise ZooError(
-            f"{name}: unknown argument {unknown[0]!r}; accepted: " + ", ".join(sorted(entry.all_args))
+            f"{name}: unknown argument {short_repr(unknown[0])}; accepted: " + ", ".join(sorted(entry.all_args))
         )
     out = {}
     for k, spec in entry.all_args.items():
@@ -226,14 +242,19 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
-def create(name: str, weights: Any = None, reinit_head: bool = False, **kwargs: Any) -> nn.Module:
-    """Build a registered model by name, validating every kwarg first; `weights` is a tag or a .safetensors path."""
-    if weights is not None or reinit_head is not False:
-        if weights is None:
-            raise ZooError(f"{name}: reinit_head={reinit_head!r} needs weights= (a tag or a .safetensors path)")
+def create(name: str, weights: Any = None, reinit_head: bool = False, allow_nonfinite: bool = False,
+           **kwargs: Any) -> nn.Module:
+    """Build a registered model by name, validating every kwarg first; `weights` is a tag or a .safetensors path.
+
+    Weights holding NaN/inf (or a header with non-finite mean/std) are refused unless `allow_nonfinite=True`.
+    """
+    if weights is not None or reinit_head is not False or allow_nonfinite is not False:
+        for key, val in (("reinit_head", reinit_head), ("allow_nonfinite", allow_nonfinite)):
+            if weights is None and val is not False:
+                raise ZooError(f"{name}: {key}={short_repr(val)} needs weights= (a tag or a .safetensors path)")
         from zoo.weights.loading import create_pretrained  # loads, checks hash/shapes (zoo/weights/)
 
-        return create_pretrained(name, weights, reinit_head=reinit_head, **kwargs)
+        return create_pretrained(name, weights, reinit_head=reinit_head, allow_nonfinite=allow_nonfinite, **kwargs)
     entry = _entry(name)
     resolved = resolve_kwargs(name, **kwargs)
     model = entry.fn(**resolved)
@@ -241,3 +262,22 @@ def create(name: str, weights: Any = None, reinit_head: bool = False, **kwargs: 
     model.zoo_kwargs = dict(resolved)
     model.default_input_size = entry.card.input_size(resolved)
     return model
+
+
+def meta_model(name: str, **kwargs: Any) -> nn.Module:
+    """What `create(name, **kwargs)` builds, on the meta device: shapes only, no memory and no RNG used."""
+    entry = _entry(name)
+    resolved = resolve_kwargs(name, **kwargs)
+    with torch.device("meta"):
+        model = entry.fn(**resolved)
+    model.zoo_name, model.zoo_kwargs = name, dict(resolved)
+    return model
+
+
+def check_param_budget(model: nn.Module, limit: int, what: str) -> int:
+    """The model's parameter and buffer count; ZooError (before any real allocation) if it is over `limit`."""
+    n = sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    if n > limit:
+        raise ZooError(f"{what}: the model it describes has {n:,} parameters and buffers; at most {limit:,} "
+                       "are allowed here")
+    return n

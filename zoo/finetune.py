@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ZooError
+from zoo.io import make_out_dir
+from zoo.untrusted import short_repr
 
 DEFAULT_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
@@ -90,11 +92,11 @@ def parse_then(then: str | Sequence[Any] | None) -> list[ThenStep]:
     if isinstance(then, str):
         items: list[Any] = [s for s in (p.strip() for p in then.split(",")) if s] if then.strip() else []
         if not items:
-            raise ZooError(f"--then {then!r} is empty; allowed steps: {_allowed_steps()}")
+            raise ZooError(f"--then {short_repr(then)} is empty; allowed steps: {_allowed_steps()}")
     elif isinstance(then, (list, tuple)):
         items = list(then)
     else:
-        raise ZooError(f"then={then!r} is not allowed; expected a string like 'prune=0.5,quantize=static'")
+        raise ZooError(f"then={short_repr(then)} is not allowed; expected a string like 'prune=0.5,quantize=static'")
     steps: list[ThenStep] = []
     for item in items:
         if isinstance(item, ThenStep):
@@ -105,23 +107,24 @@ def parse_then(then: str | Sequence[Any] | None) -> list[ThenStep]:
             name, sep, raw = item.partition("=")
             name, raw = name.strip(), raw.strip()
             if not sep or not raw:
-                raise ZooError(f"--then step {item!r} is not allowed; expected name=value, allowed steps: "
+                raise ZooError(f"--then step {short_repr(item)} is not allowed; expected name=value, allowed steps: "
                                f"{_allowed_steps()}")
         else:
-            raise ZooError(f"--then step {item!r} is not allowed; allowed steps: {_allowed_steps()}")
-        if name not in THEN_STEPS:
-            raise ZooError(f"--then step {name!r} is not allowed; allowed steps: {_allowed_steps()}")
+            raise ZooError(f"--then step {short_repr(item)} is not allowed; allowed steps: {_allowed_steps()}")
+        if not isinstance(name, str) or name not in THEN_STEPS:
+            raise ZooError(f"--then step {short_repr(name)} is not allowed; allowed steps: {_allowed_steps()}")
         if name == "prune":
             try:
                 amount = float(raw)
             except (TypeError, ValueError):
                 amount = float("nan")
             if isinstance(raw, bool) or not 0 < amount < 1:
-                raise ZooError(f"--then prune={raw!r} is not allowed; expected a fraction 0 < x < 1, e.g. prune=0.5")
+                raise ZooError(f"--then prune={short_repr(raw)} is not allowed; expected a fraction 0 < x < 1, "
+                               "e.g. prune=0.5")
             steps.append(ThenStep("prune", amount))
         else:
             if raw not in QUANT_METHODS:
-                raise ZooError(f"--then quantize={raw!r} is not allowed; allowed: {', '.join(QUANT_METHODS)}")
+                raise ZooError(f"--then quantize={short_repr(raw)} is not allowed; allowed: {', '.join(QUANT_METHODS)}")
             steps.append(ThenStep("quantize", raw))
     q = [i for i, s in enumerate(steps) if s.name == "quantize"]
     if len(q) > 1 or (q and q[0] != len(steps) - 1):
@@ -234,7 +237,7 @@ def _epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _check_int(name: str, v: Any, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ZooError(f"{name}={v!r} is not allowed; expected an int >= {lo}")
+        raise ZooError(f"{name}={short_repr(v)} is not allowed; expected an int >= {lo}")
     return v
 
 
@@ -243,14 +246,14 @@ def _model_kwargs(model_name: str, input_size: int | None, kwargs: dict[str, Any
 
     for k, why in RESERVED_KWARGS.items():
         if k in kwargs:
-            raise ZooError(f"{model_name}: {k}={kwargs[k]!r} cannot be given to finetune; {why}")
+            raise ZooError(f"{model_name}: {k}={short_repr(kwargs[k])} cannot be given to finetune; {why}")
     card = model_card(model_name)  # unknown name -> ZooError with suggestions
     if input_size is None:
         return dict(kwargs)
     _check_int("input_size", input_size, 1)
     if "resolution" in model_args(model_name):
         if "resolution" in kwargs and kwargs["resolution"] != input_size:
-            raise ZooError(f"{model_name}: input_size={input_size} and resolution={kwargs['resolution']!r} "
+            raise ZooError(f"{model_name}: input_size={input_size} and resolution={short_repr(kwargs['resolution'])} "
                            "disagree; give one of them")
         return {**kwargs, "resolution": input_size}
     if input_size < card.min_resolution:
@@ -287,9 +290,9 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
 
     # 1. everything the user gave, checked before any work
     if not isinstance(model_name, str):
-        raise ZooError(f"model_name={model_name!r} is not allowed; expected a registered model name")
+        raise ZooError(f"model_name={short_repr(model_name)} is not allowed; expected a registered model name")
     if not isinstance(freeze_backbone, bool):
-        raise ZooError(f"freeze_backbone={freeze_backbone!r} is not allowed; expected True or False")
+        raise ZooError(f"freeze_backbone={short_repr(freeze_backbone)} is not allowed; expected True or False")
     steps = parse_then(then)
     kwargs = _model_kwargs(model_name, input_size, model_kwargs)
     if lr is None:
@@ -297,10 +300,11 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
     cfg = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                  "progress": progress, "device": device})
     if data is None or not isinstance(data, (str, os.PathLike)):
-        raise ZooError(f"data={data!r} is not allowed; expected an image folder path")
+        raise ZooError(f"data={short_repr(data)} is not allowed; expected an image folder path")
     # 2. the folder: layout, classes, and every image decoded (a corrupt file fails here)
     src = scan_imagefolder(data, val_fraction)
     verify_imagefolder(data, val_fraction)
+    out = make_out_dir(out, "out")  # an unusable output folder fails before any training
     # 3. the model with a fresh head for these classes
     torch.manual_seed(seed)
     model = _build_model(model_name, weights, len(src.class_names), kwargs)
@@ -309,8 +313,6 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
         size = (size[0], input_size, input_size)
     train_loader, val_loader, info = get_loaders("imagefolder", size, batch_size=batch_size, root=data, seed=seed,
                                                  val_fraction=val_fraction)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     # 4. fine-tune
     with frozen_backbone(model, freeze_backbone):
         res = fit(model, train_loader, val_loader, cfg)

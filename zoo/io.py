@@ -9,11 +9,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
+
+from zoo.errors import ZooError
+from zoo.untrusted import load_tensors as _checked_tensors
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -78,6 +82,21 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     atomic_save(state_tensors(model), path, meta)
 
 
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load the tensors of a safetensors file onto the CPU."""
-    return load_file(os.fspath(path), device="cpu")
+def load_tensors(path: str | os.PathLike, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """Load the tensors of a checked safetensors file onto the CPU (see zoo.untrusted; NaN/inf refused)."""
+    return _checked_tensors(path, allow_nonfinite=allow_nonfinite)
+
+
+def make_out_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create an output folder (and its parents) and check it is writable; ZooError naming it otherwise."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ZooError(f"{what} {str(p)!r} is not allowed: it exists and is not a folder") from None
+    except OSError as e:
+        raise ZooError(f"{what} {str(p)!r} is not allowed: cannot create the folder ({e.strerror or e}); "
+                       "expected a writable folder path") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ZooError(f"{what} {str(p)!r} is not allowed: the folder is not writable")
+    return p

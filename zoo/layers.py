@@ -351,6 +351,10 @@ class Bottleneck(nn.Module):
         return add_(self.skip, self.conv3(self.conv2(self.conv1(x))), shortcut, relu=True)
 
 
+def _autocast() -> bool:
+    return torch.is_autocast_enabled() or torch.is_autocast_enabled("cpu")
+
+
 def _skip_checks() -> bool:
     return torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_fx_symbolic_tracing()
 
@@ -388,6 +392,15 @@ class ZooModel(nn.Module):
             want = f"(N, {self.in_chans}, H, W) with H, W >= {m}"
         if not ok:
             raise ZooError(f"{name}: expected input of shape {want}; got {shape}")
+        if x.dtype is not torch.float32 and x.dtype is not self._param_dtype() and not _autocast():
+            want = str(self._param_dtype()).replace("torch.", "")
+            raise ZooError(f"{name}: expected a {want} input tensor (the dtype of the model's weights); got "
+                           f"{str(x.dtype).replace('torch.', '')}; convert it with x.to(torch.{want}), scaling "
+                           "uint8 pixels to [0, 1] first")
+
+    def _param_dtype(self) -> torch.dtype:
+        """dtype of the model's first floating-point parameter (float32 for an int8 model, which has none)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     def init_head(self, num_features: int, num_classes: int, drop_rate: float) -> None:
         """Global average pool, dropout and a linear classifier on `num_features` channels."""

@@ -19,9 +19,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from zoo._registry import model_card, resolve_kwargs
+from zoo.data.common import ImageTransform
+from zoo.data.imagefolder import IMAGE_EXTENSIONS, check_class_paths, load_image
 from zoo.errors import ZooError
+from zoo.untrusted import short_repr
+from zoo.weights.checkpoint import read_checkpoint
+from zoo.weights.loading import build_from_checkpoint
 
 DEFAULT_TOP = 5
+MAX_INPUT_SIDE = 4096  # a header's zoo.input_size is refused beyond this (images are resized to it)
 
 
 @dataclass
@@ -37,9 +44,6 @@ class Classifier:
 
     def preprocess(self, images: Sequence[str | os.PathLike]) -> torch.Tensor:
         """Decode image files and transform them like the validation split: (N, C, H, W) float32."""
-        from zoo.data import load_image
-        from zoo.data.common import ImageTransform
-
         t = ImageTransform(self.input_size, self.mean, self.std)
         return torch.cat([t(load_image(os.fspath(p))[None]) for p in images])
 
@@ -55,24 +59,25 @@ def _input_size(model: nn.Module, meta: dict[str, Any], path: Path) -> tuple[int
     if size is None:
         size = getattr(model, "default_input_size", None)
     if size is None:
-        from zoo._registry import model_card, resolve_kwargs
-
         spec = meta["spec"]
         size = model_card(spec["name"]).input_size(resolve_kwargs(spec["name"], **spec.get("kwargs", {})))
-    ok = isinstance(size, (list, tuple)) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)
-    if not ok:
-        raise ZooError(f"weights {str(path)!r}: zoo.input_size={size!r} is not (C, H, W) positive ints")
+    in_chans = getattr(model, "zoo_kwargs", {}).get("in_chans")
+    ok = isinstance(size, (list, tuple)) and len(size) == 3 and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE for v in size)
+    if not ok or (in_chans is not None and size[0] != in_chans):
+        raise ZooError(f"weights {str(path)!r}: zoo.input_size={short_repr(size)} is not allowed; expected "
+                       f"[C, H, W] with C = the model's {in_chans} input channels and H, W from 1 to {MAX_INPUT_SIDE}")
     return tuple(int(v) for v in size)
 
 
-def load_classifier(weights: str | os.PathLike) -> Classifier:
-    """Rebuild the model saved in a safetensors checkpoint, with its class names and normalisation."""
-    from zoo.weights.checkpoint import read_checkpoint
-    from zoo.weights.loading import build_from_checkpoint
+def load_classifier(weights: str | os.PathLike, allow_nonfinite: bool = False) -> Classifier:
+    """Rebuild the model saved in a safetensors checkpoint, with its class names and normalisation.
 
+    Weights or mean/std holding NaN/inf are refused unless `allow_nonfinite=True`.
+    """
     if not isinstance(weights, (str, os.PathLike)) or not os.fspath(weights):
-        raise ZooError(f"weights={weights!r} is not allowed; expected a path to a .safetensors file")
-    ckpt = read_checkpoint(weights)
+        raise ZooError(f"weights={short_repr(weights)} is not allowed; expected a path to a .safetensors file")
+    ckpt = read_checkpoint(weights, allow_nonfinite=allow_nonfinite)
     if ckpt.spec is None:
         raise ZooError(f"weights {str(ckpt.path)!r} have no zoo.spec header, so the model cannot be rebuilt; "
                        "use a checkpoint written by `zoo finetune` or zoo.weights.save_checkpoint")
@@ -83,12 +88,13 @@ def load_classifier(weights: str | os.PathLike) -> Classifier:
                        "zoo.weights.save_checkpoint(..., mean=, std=)")
     model = build_from_checkpoint(ckpt)
     model.eval()
-    num_classes = int(ckpt.spec.get("kwargs", {}).get("num_classes", 0)) or None
+    num_classes = model.zoo_kwargs["num_classes"]  # validated by the registry when the model was built
     classes = ckpt.metadata.get("classes")
     if classes is None:
-        if num_classes is None:
-            raise ZooError(f"weights {str(ckpt.path)!r} name neither classes nor num_classes")
         classes = [str(i) for i in range(num_classes)]
+    if len(classes) != num_classes:  # build_from_checkpoint checks this too; the model's head decides
+        raise ZooError(f"weights {str(ckpt.path)!r}: zoo.classes names {len(classes)} classes for a model with "
+                       f"{num_classes} outputs")
     meta = dict(ckpt.metadata, spec=ckpt.spec)
     size = _input_size(model, meta, ckpt.path)
     mean, std = tuple(float(v) for v in ckpt.metadata["mean"]), tuple(float(v) for v in ckpt.metadata["std"])
@@ -103,7 +109,7 @@ def predict(weights: str | os.PathLike | Classifier, images: Sequence[str | os.P
     """Top-`top` (class name, probability) pairs for each image file, best first."""
     clf = weights if isinstance(weights, Classifier) else load_classifier(weights)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ZooError(f"top={top!r} is not allowed; expected int >= 1")
+        raise ZooError(f"top={short_repr(top)} is not allowed; expected int >= 1")
     if isinstance(images, (str, os.PathLike)):
         images = [images]
     if not images:
@@ -123,8 +129,6 @@ def evaluate_folder(weights: str | os.PathLike | Classifier, root: str | os.Path
 
     Class folders are matched to the checkpoint's class names by name; an unknown class is an error.
     """
-    from zoo.data.imagefolder import IMAGE_EXTENSIONS
-
     clf = weights if isinstance(weights, Classifier) else load_classifier(weights)
     root = Path(root)
     if not root.is_dir():
@@ -132,6 +136,10 @@ def evaluate_folder(weights: str | os.PathLike | Classifier, root: str | os.Path
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ZooError(f"no class folders in {root}; expected root/<class>/<images>")
+    try:
+        check_class_paths(root, classes, root)
+    except RuntimeError as e:  # a symlink loop
+        raise ZooError(f"cannot read the evaluation folder {root}: {e}") from None
     unknown = [c for c in classes if c not in clf.class_names]
     if unknown:
         raise ZooError(f"class folder(s) {', '.join(repr(c) for c in unknown)} in {root} are not among the "

@@ -13,31 +13,28 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from zoo.data.augment import augment_batch
 from zoo.errors import ZooError
-from zoo.io import atomic_save, model_spec, state_tensors
+from zoo.io import atomic_save, make_out_dir, model_spec, state_tensors
+from zoo.train_state import (  # RESUMABLE_CHANGES is part of this module's API too
+    RESUMABLE_CHANGES, RESUME_FORMAT, check_resume, optimizer_state, read_resume, rng_state, seed_all, set_rng_state,
+)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
-RESUME_FORMAT = 1
-# config fields that may change between a run and its resume (everything else must match)
-RESUMABLE_CHANGES = ("epochs", "progress", "device")
 
 
 def config_from_dict(cls: type, d: Mapping[str, Any], what: str) -> Any:
@@ -220,33 +217,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str | No
 
 # ---------------------------------------------------------------------------------------------- state
 
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py = random.getstate()
-    st = {"torch": torch.get_rng_state().tolist(),
-          "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-          "python": [py[0], list(py[1]), py[2]]}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return st
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
-    n = st["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = st["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in st["cuda"]])
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1))
@@ -299,7 +269,7 @@ class _Checkpointer:
         """
         if not self.write:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_out_dir(self.dir, "out_dir")
         if fresh:
             for key in ("state", "resume", "last", "best"):  # manifest first: it vouches for the others
                 self.paths[key].unlink(missing_ok=True)
@@ -323,7 +293,7 @@ class _Checkpointer:
                     optim_scalars.setdefault(str(pid), {})[k] = v
         for i, p in enumerate(extra):
             tensors[f"extra.{i}"] = p.detach().cpu().contiguous()
-        full = {**state, "format": RESUME_FORMAT, "rng": _rng_state(), "scaler": scaler.state_dict(),
+        full = {**state, "format": RESUME_FORMAT, "rng": rng_state(), "scaler": scaler.state_dict(),
                 "optim_scalars": optim_scalars, "config": cfg.to_dict()}
         # 1. the resume file holds everything needed to continue, in one atomic rename
         atomic_save(tensors, self.paths["resume"], {"zoo.resume": json.dumps(full)})
@@ -343,18 +313,7 @@ class _Checkpointer:
         """Tensors and scalar state of the resume file; ZooError when there is none."""
         if self.dir is None:
             raise ZooError("resume=True needs out_dir (the folder of the run to continue)")
-        p = self.paths["resume"]
-        if not p.is_file():
-            raise ZooError(f"cannot resume: no checkpoint {p} (start without resume, or point out_dir at the run)")
-        try:
-            with safe_open(os.fspath(p), framework="pt", device="cpu") as f:
-                state = json.loads((f.metadata() or {})["zoo.resume"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:
-            raise ZooError(f"cannot resume from {p}: the file is corrupt or not a zoo resume file ({e})") from None
-        if state.get("format") != RESUME_FORMAT:
-            raise ZooError(f"cannot resume from {p}: format {state.get('format')!r}, expected {RESUME_FORMAT}")
-        return tensors, state
+        return read_resume(self.paths["resume"])
 
 
 def _restore(model: nn.Module, opt: torch.optim.Optimizer, extra: list[nn.Parameter], scaler: Any,
@@ -371,24 +330,18 @@ def _restore(model: nn.Module, opt: torch.optim.Optimizer, extra: list[nn.Parame
         raise ZooError(f"cannot resume from {path}: it holds {n_extra} extra parameters, this run has {len(extra)}")
     with torch.no_grad():
         for i, p in enumerate(extra):
-            t = tensors[f"extra.{i}"]
-            if t.shape != p.shape:
-                raise ZooError(f"cannot resume from {path}: extra parameter {i} has shape {tuple(t.shape)}, "
-                               f"expected {tuple(p.shape)}")
+            t = tensors.get(f"extra.{i}")
+            if t is None or t.shape != p.shape:
+                raise ZooError(f"cannot resume from {path}: extra parameter {i} has shape "
+                               f"{None if t is None else tuple(t.shape)}, expected {tuple(p.shape)}")
             p.copy_(t)
     sd = opt.state_dict()
-    ostate: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, pid, name = k.split(".", 2)
-            ostate.setdefault(int(pid), {})[name] = v
-    for pid, d in state["optim_scalars"].items():
-        ostate.setdefault(int(pid), {}).update(d)
-    sd["state"] = ostate
+    sd["state"] = optimizer_state(tensors, state["optim_scalars"],
+                                  [p for g in opt.param_groups for p in g["params"]], path)
     opt.load_state_dict(sd)
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"], path)
 
 
 # ---------------------------------------------------------------------------------------------- fit
@@ -429,18 +382,6 @@ def _check_inputs(model, train_loader, val_loader, cfg, extra) -> None:
             raise ZooError("fit: extra_params must not include parameters of the model itself")
 
 
-def _check_resume(state: dict, cfg: TrainConfig, spe: int, n_train: int, path: Path) -> None:
-    saved = state["config"]
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in cfg.to_dict().items()
-            if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-    if diff:
-        raise ZooError(f"cannot resume from {path}: the train config differs from the checkpoint's ("
-                       + "; ".join(diff) + f"); only {', '.join(RESUMABLE_CHANGES)} may change")
-    if state["steps_per_epoch"] != spe or state["num_train"] != n_train:
-        raise ZooError(f"cannot resume from {path}: the checkpoint was made with {state['num_train']} training "
-                       f"images in {state['steps_per_epoch']} steps per epoch, this run has {n_train} in {spe}")
-
-
 def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg: TrainConfig,
         out_dir: str | os.PathLike | None = None, resume: bool = False,
         loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
@@ -476,13 +417,13 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
     start, step, best_top1, best_epoch = 0, 0, -1.0, 0
     if resume:
         tensors, state = ck.load()
-        _check_resume(state, cfg, spe, n_train, ck.paths["resume"])
+        check_resume(state, cfg.to_dict(), spe, n_train, ck.paths["resume"])
         _restore(model, opt, extra, scaler, tensors, state, ck.paths["resume"])
         model.to(device=device, memory_format=fmt)
         start, step, history = state["epoch"], state["step"], state["history"]
         best_top1, best_epoch = state["best_top1"], state["best_epoch"]
     else:
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
     ck.start(history, fresh=not resume)
     net: nn.Module = model
     if world > 1:
@@ -622,8 +563,9 @@ def _cmd_train(args: Any) -> int:
     if kwargs.get("num_classes", info.num_classes) != info.num_classes:
         raise ZooError(f"--kw num_classes={kwargs['num_classes']} differs from the {info.num_classes} classes of "
                        f"{args.data}; leave num_classes out")
+    out = make_out_dir(args.out or os.path.join("runs", f"train-{args.name}-{args.data}"), "--out")
+    seed_all(cfg.seed)  # before the model exists, so --seed fixes the initial weights too
     model = create(args.name, **{**kwargs, "num_classes": info.num_classes})
-    out = args.out or os.path.join("runs", f"train-{args.name}-{args.data}")
     meta = {"classes": info.class_names, "mean": list(info.mean), "std": list(info.std),
             "data": {"name": info.name, "split": info.split, "quick": args.quick}}
     result = fit(model, train_loader, val_loader, cfg, out_dir=out, resume=args.resume, meta=meta)

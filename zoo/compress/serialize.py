@@ -20,7 +20,6 @@ routed there, so `model.load_state_dict(file_tensors)` works too).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections import OrderedDict
 from typing import Any
@@ -28,13 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from torch.nn.utils import parametrize
 
+from zoo._registry import MAX_PARAMS, check_param_budget, create, meta_model
 from zoo.compress._common import has_parametrizations, is_quantized_model, steps
-from zoo.compress.pruning import WeightMask
+from zoo.compress.lowrank import rebuild as lowrank_rebuild
+from zoo.compress.pruning import WeightMask, register_masks
+from zoo.compress.quantization import rebuild as quant_rebuild
+from zoo.compress.surgery import rebuild_structure
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight
 from zoo.errors import ZooError
+from zoo.untrusted import check_flag, check_spec, clip, load_tensors, read_header, short_repr
 
 _DTYPES = [torch.qint8, torch.quint8, torch.qint32, torch.float32, torch.float16, torch.bfloat16, torch.float64,
            torch.int8, torch.uint8, torch.int32, torch.int64]
@@ -202,7 +205,13 @@ def load_state(model: nn.Module, tensors: dict[str, Any], strict: bool = True) -
     Linear reads its packed-weight layout from them, and safetensors files have none.
     """
     if any(isinstance(k, str) and "#" in k for k in tensors):
-        tensors = decode_state(tensors)
+        try:
+            tensors = decode_state(tensors)
+        except ZooError:
+            raise
+        except _REBUILD_ERRORS as e:  # encoded parts written by someone else: one message, not a torch error
+            raise ZooError(f"serialize: the encoded tensors do not decode: {type(e).__name__}: "
+                           f"{clip(str(e), 160)}") from None
     sd = OrderedDict(tensors)
     sd._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
     return nn.Module.load_state_dict(model, sd, strict=strict)
@@ -213,32 +222,85 @@ def install_decoder(model: nn.Module) -> None:
     model.load_state_dict = functools.partial(load_state, model)
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """A model with the exact structure the spec describes (zoo.create, then each compression step)."""
-    from zoo._registry import create
-    from zoo.compress.lowrank import rebuild as lowrank_rebuild
-    from zoo.compress.pruning import register_masks
-    from zoo.compress.quantization import rebuild as quant_rebuild
-    from zoo.compress.surgery import rebuild_structure
+STEP_CONTAINERS: dict[str, dict[str, type]] = {  # kind -> keys every step of that kind needs, with their type
+    "channels": {"modules": dict}, "mask": {"modules": list}, "lowrank": {"modules": dict},
+    "weightquant": {"method": str, "modules": list}, "int8": {"method": str, "backend": str},
+}
+_REBUILD_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, NotImplementedError)
+BITS_PER_PARAM_MIN = 1  # binary weights: the densest encoding zoo writes stores 1 bit per parameter
+PARAMS_SLACK = 2**20  # parameters a file may describe beyond 8 per byte (tiny models, headers)
 
-    if not isinstance(spec, dict) or "name" not in spec:
-        raise ZooError(f"spec must be a dict with a 'name' (and 'kwargs', 'compression'); got {spec!r}")
-    model = create(spec["name"], **spec.get("kwargs", {}))
-    for step in spec.get("compression") or []:
-        kind = step.get("kind")
+
+def params_budget(path: str | os.PathLike) -> int:
+    """Most parameters a model rebuilt from this file may have: 8 per stored byte (1-bit weights), capped."""
+    return min(MAX_PARAMS, os.path.getsize(path) * 8 // BITS_PER_PARAM_MIN + PARAMS_SLACK)
+
+
+def check_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spec's compression steps, each a known kind with the keys its rebuild reads; ZooError otherwise."""
+    out = []
+    for i, step in enumerate(spec.get("compression") or []):
+        kind = step.get("kind") if isinstance(step, dict) else None
+        if not isinstance(kind, str) or kind not in STEP_CONTAINERS:
+            raise ZooError(f"spec: compression step {i} {short_repr(step)} is not allowed; expected an object "
+                           f"whose kind is one of {', '.join(STEP_CONTAINERS)}")
+        for key, typ in STEP_CONTAINERS[kind].items():
+            if not isinstance(step.get(key), typ):
+                raise ZooError(f"spec: compression step {i} ({kind}) needs {key!r} as a {typ.__name__}, got "
+                               f"{short_repr(step.get(key))}")
+        attrs = step.get("attrs", {})
+        if not isinstance(attrs, dict) or not all(isinstance(a, str) and not a.startswith("_") and isinstance(v, int)
+                                                  and not isinstance(v, bool) and v >= 0 for a, v in attrs.items()):
+            raise ZooError(f"spec: compression step {i} ({kind}): attrs={short_repr(attrs)} is not allowed; expected "
+                           "an object of public attribute names -> ints >= 0")
+        out.append(step)
+    return out
+
+
+def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> None:
+    """Recreate one recorded step's structure; a step that does not fit the model is a ZooError."""
+    kind = step["kind"]
+    try:
         if kind == "channels":
             rebuild_structure(model, step["modules"])
             for a, v in step.get("attrs", {}).items():
+                if isinstance(getattr(model, a, None), bool) or not isinstance(getattr(model, a, None), int):
+                    raise ZooError(f"spec: compression step {i} sets {short_repr(a)}, which is not an int "
+                                   "attribute of the model")
                 setattr(model, a, v)
         elif kind == "mask":
             register_masks(model, step["modules"])
         elif kind == "lowrank":
             lowrank_rebuild(model, step)
-        elif kind in ("weightquant", "int8"):
-            quant_rebuild(model, step)
         else:
-            raise ZooError(f"spec: unknown compression step {kind!r}")
-    model.zoo_compression = list(spec.get("compression") or [])
+            quant_rebuild(model, step)
+    except ZooError:
+        raise
+    except _REBUILD_ERRORS as e:
+        raise ZooError(f"spec: compression step {i} ({kind}) does not fit {getattr(model, 'zoo_name', 'the model')}: "
+                       f"{type(e).__name__}: {clip(str(e), 160)}") from None
+
+
+def build_from_spec(spec: dict[str, Any], max_params: int = MAX_PARAMS) -> nn.Module:
+    """A model with the exact structure the spec describes (zoo.create, then each compression step).
+
+    The layer shapes are first rebuilt on the meta device (no memory), and a structure with more than
+    `max_params` parameters is refused before anything is allocated.
+    """
+    spec = check_spec(spec, "spec")
+    steps_ = check_steps(spec)
+    kwargs = spec.get("kwargs", {})
+    shaped = meta_model(spec["name"], **kwargs)
+    check_param_budget(shaped, MAX_PARAMS, f"spec {spec['name']}")
+    for i, step in enumerate(steps_):
+        if step["kind"] in ("channels", "lowrank"):  # the steps that create layers of recorded sizes
+            with torch.device("meta"):
+                _apply_step(shaped, i, step)
+    check_param_budget(shaped, max_params, f"spec {spec['name']}")
+    model = create(spec["name"], **kwargs)
+    for i, step in enumerate(steps_):
+        _apply_step(model, i, step)
+    model.zoo_compression = list(steps_)
     install_decoder(model)
     return model
 
@@ -251,22 +313,27 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None
 
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """The `zoo.spec` JSON of a safetensors file."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "zoo.spec" not in meta:
+    """The `zoo.spec` JSON of a checked safetensors file (no pickles, bounded header)."""
+    meta, _ = read_header(path)
+    if "spec" not in meta:
         raise ZooError(f"{os.fspath(path)!r} has no zoo.spec header; it was not saved by zoo")
-    return json.loads(meta["zoo.spec"])
+    return check_spec(meta["spec"], f"weights file {os.fspath(path)!r}")
 
 
-def load(path: str | os.PathLike) -> nn.Module:
-    """Rebuild a saved zoo model (compressed or not) from its spec and load its exact weights."""
-    from zoo.io import load_tensors
+def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> nn.Module:
+    """Rebuild a saved zoo model (compressed or not) from its spec and load its exact weights.
 
-    if not os.path.isfile(os.fspath(path)):
-        raise ZooError(f"load: no such file {os.fspath(path)!r}")
-    model = build_from_spec(read_spec(path))
-    load_state(model, load_tensors(path), strict=True)
+    NaN/inf tensors are refused unless `allow_nonfinite=True`.
+    """
+    check_flag("allow_nonfinite", allow_nonfinite)
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        raise ZooError(f"load: no such file {short_repr(os.fspath(path) if isinstance(path, os.PathLike) else path)}")
+    model = build_from_spec(read_spec(path), max_params=params_budget(path))
+    try:
+        load_state(model, load_tensors(path, allow_nonfinite=allow_nonfinite), strict=True)
+    except RuntimeError as e:
+        raise ZooError(f"weights file {os.fspath(path)!r} does not load into the model its spec describes: "
+                       f"{clip(str(e), 240)}") from None
     if is_quantized_model(model) and not any(s.get("method") == "qat" and not s.get("converted")
                                               for s in steps(model)):
         model.eval()

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from zoo.errors import ZooError
 from zoo.data.common import ImageTransform, stratified_split
+from zoo.untrusted import short_repr
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 LAYOUT = "expected root/<class>/<images> or root/train/<class>/<images> with root/val/<class>/<images>"
@@ -64,10 +65,44 @@ def _class_files(folder: Path) -> list[str]:
     return out
 
 
-def _scan(folder: Path, what: str) -> tuple[list[str], list[tuple[str, int]]]:
+def check_class_paths(folder: Path, classes: list[str], root: Path) -> None:
+    """Refuse class folders that resolve outside the root, onto or above `folder`, or onto each other.
+
+    Symlinks are followed: a class folder linked to the root (or to another class) would read images
+    twice or under a wrong label, and one linked elsewhere would read files outside the dataset.
+    """
+    top, here = root.resolve(), folder.resolve()
+    real = {}
+    for c in classes:
+        r = (folder / c).resolve()
+        if r == top or top not in r.parents:
+            raise ZooError(f"class folder {folder / c} resolves to {r}, which is not inside the dataset root {top}; "
+                           "class folders (and their symlinks) must stay inside the root")
+        if r == here or r in here.parents:
+            raise ZooError(f"class folder {folder / c} resolves to {r}, the folder that holds it or one above it, "
+                           "so it would contain the other classes; class folders must be separate folders")
+        real[r] = c
+    if len(real) < len(classes):
+        raise ZooError(f"two class folders in {folder} resolve to the same folder; each class needs its own")
+    order = sorted(real, key=lambda r: r.parts)
+    for a, b in zip(order, order[1:]):  # a folder and one inside it sort next to each other
+        if b.parts[: len(a.parts)] == a.parts:
+            raise ZooError(f"class folder {folder / real[b]} lies inside class folder {folder / real[a]} (after "
+                           "resolving symlinks); each class needs its own folder")
+
+
+def _scan(folder: Path, what: str, root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    try:
+        return _scan_folder(folder, what, root)
+    except (OSError, RuntimeError) as e:  # unreadable folders, symlink loops (Path.resolve raises RuntimeError)
+        raise ZooError(f"cannot read the {what} folder {folder}: {e}; {LAYOUT}") from None
+
+
+def _scan_folder(folder: Path, what: str, root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     classes = _class_dirs(folder)
     if not classes:
         raise ZooError(f"no class folders in {what} folder {folder}; {LAYOUT}")
+    check_class_paths(folder, classes, root)
     items = []
     for i, c in enumerate(classes):
         files = _class_files(folder / c)
@@ -82,6 +117,8 @@ def scan_imagefolder(root: str | os.PathLike, val_fraction: float) -> FolderSour
     """Find classes and image files; split train/val when there is no val/ folder."""
     if root is None:
         raise ZooError(f"the imagefolder dataset needs root= (a folder of class folders); {LAYOUT}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ZooError(f"val_fraction={short_repr(val_fraction)} is not allowed; expected a float in (0, 1)")
     root = Path(root)
     if not root.is_dir():
         raise ZooError(f"image folder {root} does not exist; {LAYOUT}")
@@ -89,12 +126,12 @@ def scan_imagefolder(root: str | os.PathLike, val_fraction: float) -> FolderSour
     if val_dir.is_dir() and not train_dir.is_dir():
         raise ZooError(f"{root} has a val/ folder but no train/ folder; {LAYOUT}")
     base = train_dir if train_dir.is_dir() else root
-    classes, train = _scan(base, "training")
+    classes, train = _scan(base, "training", root)
     if len(classes) < 2:
         raise ZooError(f"{base} holds a single class ({classes[0]!r}); classification needs at least 2 "
                        "class folders")
     if val_dir.is_dir():
-        vclasses, val = _scan(val_dir, "validation")
+        vclasses, val = _scan(val_dir, "validation", root)
         if vclasses != classes:
             only_t = sorted(set(classes) - set(vclasses))
             only_v = sorted(set(vclasses) - set(classes))

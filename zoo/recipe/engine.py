@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -22,7 +23,11 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ZooError
+from zoo.io import make_out_dir
 from zoo.recipe.schema import STAGE_TYPES, Recipe, StageSpec, fill_kwargs, load_recipe
+from zoo.untrusted import parse_json, read_text, short_repr
+from zoo.weights.checkpoint import read_checkpoint
+from zoo.weights.loading import build_from_checkpoint
 
 ENGINE_VERSION = 1  # bump when a change makes old done-markers invalid
 HASH_EXCLUDE_TRAIN = ("progress",)  # options that do not change the result
@@ -52,25 +57,36 @@ def write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_marker(path: Path) -> dict[str, Any]:
+    """A done.json / config.json the engine wrote; a damaged or hand-edited one is a ZooError naming it."""
+    rec = parse_json(read_text(path, "stage marker"), f"stage marker {path}")
+    if not isinstance(rec, dict):
+        raise ZooError(f"stage marker {path} holds {short_repr(rec)}; expected a JSON object (delete the file to "
+                       "re-run the stage)")
+    return rec
+
+
+def check_metrics(metrics: Any, where: str) -> dict[str, Any]:
+    """Stage metrics as a runner returns them: an object with finite numbers top1, top5 and loss."""
+    ok = isinstance(metrics, dict) and all(
+        isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool)
+        and math.isfinite(metrics[k]) for k in ("top1", "top5", "loss"))
+    if not ok:
+        raise ZooError(f"{where}: metrics={short_repr(metrics)} is not allowed; expected an object with finite "
+                       "numbers top1, top5 and loss (delete the file to re-run the stage)")
+    return metrics
+
+
 def load_checkpoint(path: Path) -> nn.Module:
-    """Rebuild a model saved by zoo.io.save_model (or zoo.compress.save): spec from the header, then the weights."""
-    from safetensors import safe_open
+    """Rebuild a model saved by zoo.io.save_model (or zoo.compress.save): spec from the header, then the weights.
 
-    from zoo._registry import create
-    from zoo.io import load_tensors
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "zoo.spec" not in meta:
+    Every check of `zoo.create(weights=...)` applies (zoo.weights.loading): no pickles, bounded header, the
+    spec validated against the file before building, finite tensors; compressed models rebuild their steps.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.spec is None:
         raise ZooError(f"{path}: no zoo.spec in the safetensors header; not saved by zoo.io.save_model")
-    spec = json.loads(meta["zoo.spec"])
-    if spec.get("compression"):
-        from zoo.compress import load
-
-        return load(path)  # rebuilt from the spec's steps (channels, masks, low-rank, int8, binary ...)
-    model = create(spec["name"], **spec["kwargs"])
-    model.load_state_dict(load_tensors(path), strict=True)
-    return model
+    return build_from_checkpoint(ckpt)
 
 
 class Run:
@@ -187,14 +203,15 @@ def _run_stage(run: Run, spec: StageSpec, seed: int) -> dict[str, Any]:
     done = sdir / "done.json"
     tag = f"[seed {eff}] {spec.name} ({spec.type} {spec.model})"
     if done.exists() and (sdir / "model.safetensors").exists():
-        rec = json.loads(done.read_text())
+        rec = read_marker(done)
         if rec.get("hash") == h:
+            check_metrics(rec.get("metrics"), f"stage marker {done}")
             run.log(f"{tag}: done already, skipped (top-1 {rec['metrics']['top1']:.2f}%)")
             rec["skipped"] = True
             return rec
     cfg_file = sdir / "config.json"
     resume = False
-    if cfg_file.exists() and json.loads(cfg_file.read_text()).get("hash") == h:
+    if cfg_file.exists() and read_marker(cfg_file).get("hash") == h:
         resume = (sdir / "resume.safetensors").exists()  # an interrupted run of the same config
     elif cfg_file.exists():
         shutil.rmtree(sdir)  # a stale run of a different config: start over
@@ -234,7 +251,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     log = log or (lambda s: print(s, flush=True))
-    out = Path(out) if out is not None else default_out(recipe, quick)
+    out = make_out_dir(Path(out) if out is not None else default_out(recipe, quick), "--out")
     run = Run(recipe, out, quick, log)
     seeds = recipe.quick["seeds"] if quick else recipe.seeds
     log(f"recipe {recipe.name}: {len(recipe.stages)} stages x {len(seeds)} seed(s){' (quick)' if quick else ''}"
@@ -300,10 +317,7 @@ def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, qui
     if not js.exists():
         raise ZooError(f"{recipe.path}: no committed results {js}; write them with "
                        f"`zoo recipe run {recipe.path}{' --quick' if quick else ''} --write-table`")
-    try:
-        committed = report.load_json(js)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ZooError(f"{js}: not a readable results file ({e})") from None
+    committed = report.load_results(js)
     if bool(committed.get("quick")) != quick:
         raise ZooError(f"{js} holds a {'quick' if committed.get('quick') else 'full'} run; check it "
                        f"{'with' if committed.get('quick') else 'without'} --quick")

@@ -4,7 +4,6 @@ used by `zoo recipe check` (committed table vs a re-run, within the recipe's tol
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -12,6 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from zoo.errors import ZooError
+from zoo.untrusted import clip, parse_json, read_text, short_repr
 
 RESULTS_VERSION = 1
 
@@ -379,5 +381,55 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
 
 
 def load_json(path: Path) -> dict[str, Any]:
-    """Read a results.json."""
-    return json.loads(Path(path).read_text())
+    """Read a results.json (bounded size and nesting; not validated, see load_results)."""
+    return parse_json(read_text(path, "results file"), f"results file {path}")
+
+
+# results.json fields `compare` and `render_markdown` read: top level (key -> JSON types) and per row
+RESULT_TYPES: dict[str, tuple[type, ...]] = {
+    "recipe": (str,), "quick": (bool,), "seeds": (list,), "columns": (list,), "dataset": (dict,),
+    "rows": (list,), "kd_effect": (list,), "environment": (dict,), "latency": (dict,), "timing": (dict,),
+}
+ROW_NUMBERS = ("top1", "top1_std", "top5", "top5_std", "num_val", "time_s", "params", "macs", "size_bytes",
+               "latency_ms", "top1_pre", "nonzero_params", "sparsity", "sparse_size_bytes", "dense_params",
+               "dense_size_bytes", "compression_ratio")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_row(i: int, r: Any, where: str) -> None:
+    if not isinstance(r, dict) or not isinstance(r.get("stage"), str) or not isinstance(r.get("label"), str):
+        raise ZooError(f"{where}: rows[{i}] = {short_repr(r)} is not allowed; expected an object with "
+                       "'stage' and 'label' strings")
+    for key in ROW_NUMBERS:
+        if r.get(key) is not None and not _number(r[key]):
+            raise ZooError(f"{where}: rows[{i}].{key} = {short_repr(r[key])} is not allowed; expected a finite "
+                           "number or null")
+    for key in ("top1_seeds", "seeds"):
+        if not isinstance(r.get(key, []), list) or not all(_number(v) for v in r.get(key, [])):
+            raise ZooError(f"{where}: rows[{i}].{key} = {short_repr(r.get(key))} is not allowed; expected a "
+                           "list of numbers")
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A committed results.json, with every field that `recipe check` compares or renders type-checked."""
+    res = load_json(path)
+    where = f"results file {path}"
+    if not isinstance(res, dict):
+        raise ZooError(f"{where} holds {short_repr(res)}; expected a JSON object written by `zoo recipe run`")
+    for key, types in RESULT_TYPES.items():
+        if not isinstance(res.get(key), types):
+            raise ZooError(f"{where}: {key} = {short_repr(res.get(key))} is not allowed; expected "
+                           f"{' or '.join(t.__name__ for t in types)} (re-write it with --write-table)")
+    if not res["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in res["seeds"]):
+        raise ZooError(f"{where}: seeds = {short_repr(res['seeds'])} is not allowed; expected a list of ints")
+    for i, r in enumerate(res["rows"]):
+        _check_row(i, r, where)
+    try:
+        render_markdown(res)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ZeroDivisionError) as e:
+        raise ZooError(f"{where} cannot be rendered as a table ({type(e).__name__}: {clip(str(e))}); "
+                       "re-write it with --write-table") from None
+    return res

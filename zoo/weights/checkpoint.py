@@ -8,28 +8,26 @@ compression, see zoo.io) and optionally `zoo.classes`, `zoo.mean`, `zoo.std`.
 from __future__ import annotations
 
 import hashlib
-import json
+import math
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 
+from zoo._registry import COMMON_ARGS, MAX_NUM_CLASSES
 from zoo.errors import ZooError
 from zoo.io import save_model, state_tensors
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".tar")
-_PICKLE_REASON = (
-    "unpickling allows arbitrary code execution, so zoo only loads safetensors; convert it once in a "
-    "trusted session with `safetensors.torch.save_file(torch.load(path, weights_only=True), "
-    "'model.safetensors')`"
+from zoo.untrusted import (  # PICKLE_SUFFIXES and check_file are also used from here (zoo.weights.loading)
+    NONFINITE_HINT, PICKLE_SUFFIXES, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
 )
+
+MAX_IN_CHANS = int(COMMON_ARGS["in_chans"].max or 64)
+
 HEAD_KEYS_SHOWN = 3  # how many keys of each kind an error message lists
+MAX_CLASS_NAME = 256  # characters of one class name in a header
 
 
 @dataclass
@@ -40,6 +38,7 @@ class Checkpoint:
     spec: dict[str, Any] | None  # {"name", "kwargs", optional "compression"}; None for a bare file
     metadata: dict[str, Any] = field(default_factory=dict)  # zoo.* header entries other than spec, decoded
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    allow_nonfinite: bool = False  # NaN/inf tensors and statistics load (explicit opt-out of the check)
 
     def describe(self) -> str:
         """`name(k=v, ...)` of the architecture the file was saved for."""
@@ -50,8 +49,12 @@ class Checkpoint:
 
 def describe_spec(name: str, kwargs: dict[str, Any]) -> str:
     """`name(k=v, ...)`, leaving out the default input resolution which does not affect weights."""
-    inner = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()) if k != "resolution")
-    return f"{name}({inner})"
+    inner = ", ".join(f"{_cut(k)}={short_repr(v)}" for k, v in sorted(kwargs.items()) if k != "resolution")
+    return f"{_cut(name)}({inner})"
+
+
+def _cut(s: str, limit: int = 100) -> str:
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -63,67 +66,49 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return 0 < n <= size - 8 and head[8:9] == b"{"
+def _numbers(meta: dict[str, Any], key: str, where: str, allow_nonfinite: bool) -> None:
+    vals = meta[key]
+    if not (isinstance(vals, list) and 1 <= len(vals) <= MAX_IN_CHANS
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals)):
+        raise ZooError(f"{where}: zoo.{key}={short_repr(vals)} is not allowed; expected a list of 1 to "
+                       f"{MAX_IN_CHANS} numbers, one per input channel")
+    if not allow_nonfinite and not all(math.isfinite(v) for v in vals):
+        raise ZooError(f"{where}: zoo.{key}={short_repr(vals)} holds NaN/inf; non-finite statistics are "
+                       f"refused ({NONFINITE_HINT})")
+    if key == "std" and not all(v > 0 for v in vals if math.isfinite(v)):
+        raise ZooError(f"{where}: zoo.std={short_repr(vals)} is not allowed; every std must be > 0 (inputs are "
+                       "divided by it)")
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+def check_metadata(meta: dict[str, Any], where: str, allow_nonfinite: bool = False) -> None:
+    """Refuse header class names and normalisation statistics that cannot be used as they are."""
+    classes = meta.get("classes")
+    if classes is not None and not (
+            isinstance(classes, list) and 1 <= len(classes) <= MAX_NUM_CLASSES
+            and all(isinstance(c, str) and len(c) <= MAX_CLASS_NAME for c in classes)):
+        raise ZooError(f"{where}: zoo.classes={short_repr(classes)} is not allowed; expected a list of 1 to "
+                       f"{MAX_NUM_CLASSES:,} strings of at most {MAX_CLASS_NAME} characters")
+    for key in ("mean", "std"):
+        if key in meta:
+            _numbers(meta, key, where, allow_nonfinite)
 
 
-def check_file(path: str | os.PathLike) -> Path:
-    """Return the path if it is an existing non-pickle file; raise ZooError otherwise."""
-    p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        raise ZooError(f"refusing to load {str(p)!r}: a {p.suffix} file is a pickle, and {_PICKLE_REASON}")
-    if not p.is_file():
-        raise ZooError(f"weights file {str(p)!r} does not exist")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(16)
-    if not _looks_like_safetensors(head, size) and _looks_like_pickle(head):
-        kind = "a zip archive (torch.save format)" if head[:2] == b"PK" else "a pickle"
-        raise ZooError(f"refusing to load {str(p)!r}: it is {kind}, and {_PICKLE_REASON}")
-    return p
-
-
-def _corrupt(p: Path, why: object) -> ZooError:
-    return ZooError(f"weights file {str(p)!r} is truncated or corrupt (not a valid safetensors file): {why}")
-
-
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Check a file (no pickles, valid safetensors header) and read its zoo metadata, not its tensors."""
+def read_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> Checkpoint:
+    """Check a file (no pickles, bounded valid safetensors header, sane zoo metadata); tensors are not read."""
+    check_flag("allow_nonfinite", allow_nonfinite)
     p = check_file(path)
-    try:
-        with safe_open(os.fspath(p), framework="pt", device="cpu") as f:
-            raw = f.metadata() or {}
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise _corrupt(p, e) from None
-    meta: dict[str, Any] = {}
-    for k, v in raw.items():
-        if not k.startswith("zoo."):
-            continue
-        try:
-            meta[k[4:]] = json.loads(v)
-        except json.JSONDecodeError as e:
-            raise _corrupt(p, f"header entry {k!r} is not JSON ({e})") from None
+    meta, shapes = read_header(p)
     spec = meta.pop("spec", None)
-    if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("name"), str)
-                                 and isinstance(spec.get("kwargs", {}), dict)):
-        raise _corrupt(p, f"zoo.spec must be an object with 'name' and 'kwargs', got {spec!r}")
-    return Checkpoint(path=p, spec=spec, metadata=meta, shapes=shapes)
+    where = f"weights file {str(p)!r}"
+    if spec is not None:
+        check_spec(spec, where)
+    check_metadata(meta, where, allow_nonfinite)
+    return Checkpoint(path=p, spec=spec, metadata=meta, shapes=shapes, allow_nonfinite=allow_nonfinite)
 
 
 def load_checkpoint_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """All tensors of a checked checkpoint, on the CPU."""
-    try:
-        return load_file(os.fspath(ckpt.path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise _corrupt(ckpt.path, e) from None
+    """All tensors of a checked checkpoint, on the CPU (NaN/inf refused unless the checkpoint allows them)."""
+    return load_tensors(ckpt.path, allow_nonfinite=ckpt.allow_nonfinite)
 
 
 def classifier_prefix(model: nn.Module) -> str:
@@ -136,7 +121,7 @@ def classifier_prefix(model: nn.Module) -> str:
 
 
 def _list(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:HEAD_KEYS_SHOWN])
+    shown = ", ".join(_cut(k) for k in items[:HEAD_KEYS_SHOWN])
     return shown + (f", ... ({len(items) - HEAD_KEYS_SHOWN} more)" if len(items) > HEAD_KEYS_SHOWN else "")
 
 
@@ -162,23 +147,40 @@ def mismatch_report(ckpt_shapes: dict[str, tuple[int, ...]], model_shapes: dict[
     return "; ".join(parts)
 
 
+def check_fits(model_shapes: dict[str, tuple[int, ...]], ckpt: Checkpoint, target: str,
+               skip_prefix: str | None = None) -> None:
+    """Raise ZooError with a summary unless the checkpoint's tensors fit these model state shapes exactly."""
+    keep = (lambda k: not k.startswith(skip_prefix)) if skip_prefix else (lambda k: True)
+    report = mismatch_report({k: s for k, s in ckpt.shapes.items() if keep(k)},
+                             {k: s for k, s in model_shapes.items() if keep(k)})
+    if report:
+        raise ZooError(f"weights {str(ckpt.path)!r} were saved for {ckpt.describe()} and do not fit {target}: "
+                       f"{report}")
+
+
+def check_classes(ckpt: Checkpoint, num_classes: int | None) -> None:
+    """Refuse header class names whose count differs from the model's number of outputs."""
+    classes = ckpt.metadata.get("classes")
+    if classes is not None and num_classes is not None and len(classes) != num_classes:
+        raise ZooError(f"weights {str(ckpt.path)!r}: zoo.classes names {len(classes)} classes but the model has "
+                       f"num_classes={num_classes} outputs; the header must name exactly one class per output")
+
+
 def load_into(model: nn.Module, ckpt: Checkpoint, skip_prefix: str | None = None) -> None:
     """Copy the checkpoint's tensors into `model`, failing with a summary if keys or shapes differ.
 
     `skip_prefix` (e.g. "classifier.") leaves those model tensors untouched and ignores the checkpoint's.
+    NaN/inf tensors are refused unless the checkpoint was read with allow_nonfinite=True.
     """
-    model_tensors = state_tensors(model)
     keep = (lambda k: not k.startswith(skip_prefix)) if skip_prefix else (lambda k: True)
-    model_shapes = {k: tuple(v.shape) for k, v in model_tensors.items() if keep(k)}
-    ckpt_shapes = {k: s for k, s in ckpt.shapes.items() if keep(k)}
-    report = mismatch_report(ckpt_shapes, model_shapes)
-    if report:
-        target = describe_spec(getattr(model, "zoo_name", type(model).__name__), getattr(model, "zoo_kwargs", {}))
-        raise ZooError(f"weights {str(ckpt.path)!r} were saved for {ckpt.describe()} and do not fit {target}: "
-                       f"{report}")
+    target = describe_spec(getattr(model, "zoo_name", type(model).__name__), getattr(model, "zoo_kwargs", {}))
+    check_fits({k: tuple(v.shape) for k, v in state_tensors(model).items()}, ckpt, target, skip_prefix)
     tensors = {k: v for k, v in load_checkpoint_tensors(ckpt).items() if keep(k)}
     # strict unless the head is skipped (a compressed model's load_state_dict decodes its packed tensors)
-    result = model.load_state_dict(tensors, strict=skip_prefix is None)
+    try:
+        result = model.load_state_dict(tensors, strict=skip_prefix is None)
+    except RuntimeError as e:  # e.g. encoded int8 parts whose values do not decode to this structure
+        raise ZooError(f"weights {str(ckpt.path)!r} do not load into {target}: {clip(str(e), 240)}") from None
     left = [k for k in result.missing_keys if keep(k)]
     if left or result.unexpected_keys:  # only non-tensor state could get here; never silently skip it
         raise ZooError(f"weights {str(ckpt.path)!r}: could not load {_list(left + list(result.unexpected_keys))}")

@@ -14,17 +14,26 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from zoo.errors import ZooError
+from zoo.untrusted import parse_json, read_text, short_repr
 from zoo.weights.checkpoint import describe_spec, read_checkpoint, sha256_file
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
 MAX_TOTAL_MB = 20.0  # all committed checkpoints together stay under this
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+# field -> (types, what is allowed) of one index entry; `compression` is any JSON value
+_ENTRY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "tag": ((str,), "a tag string"), "architecture": ((str,), "a model name"), "kwargs": ((dict,), "an object"),
+    "dataset": ((str,), "a string"), "metrics": ((dict,), "an object"), "sha256": ((str,), "64 hex digits"),
+    "file": ((str,), "a file name inside the weights folder"), "size_bytes": ((int,), "an int"),
+    "recipe": ((str,), "a string"), "classes": ((list, type(None)), "a list of strings or null"),
+}
 
 
 @dataclass(frozen=True)
@@ -72,13 +81,48 @@ def read_index(wdir: str | os.PathLike | None = None) -> list[WeightsEntry]:
     p = weights_root(wdir) / INDEX_FILE
     if not p.exists():
         return []
-    try:
-        data = json.loads(p.read_text())
-        if data.get("format") != INDEX_FORMAT or not isinstance(data.get("weights"), list):
-            raise ValueError(f"expected {{'format': {INDEX_FORMAT}, 'weights': [...]}}")
-        return [WeightsEntry(**e) for e in data["weights"]]
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ZooError(f"weights index {str(p)!r} is malformed: {e}") from None
+    data = parse_json(read_text(p, "weights index"), f"weights index {str(p)!r}")
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT or not isinstance(data.get("weights"), list):
+        raise ZooError(f"weights index {str(p)!r} is malformed: expected {{'format': {INDEX_FORMAT}, "
+                       "'weights': [...]}")
+    return [_entry(e, i, p) for i, e in enumerate(data["weights"])]
+
+
+def _entry(e: Any, i: int, p: Path) -> WeightsEntry:
+    """One index entry, every field type-checked and its file name kept inside the weights folder."""
+    where = f"weights index {str(p)!r}: entry {i}"
+    if not isinstance(e, dict):
+        raise ZooError(f"{where} is {short_repr(e)}; expected an object")
+    unknown = sorted(set(e) - {f.name for f in fields(WeightsEntry)})
+    missing = sorted({f.name for f in fields(WeightsEntry) if f.default is MISSING} - set(e))
+    if unknown or missing:
+        raise ZooError(f"{where}: unknown fields {short_repr(unknown)}, missing fields {missing}")
+    for key, (types, allowed) in _ENTRY_TYPES.items():
+        v = e.get(key)
+        if key in e and (not isinstance(v, types) or isinstance(v, bool)):
+            raise ZooError(f"{where}: {key}={short_repr(v)} is not allowed; expected {allowed}")
+    if not _SHA_RE.match(e["sha256"]):
+        raise ZooError(f"{where}: sha256={short_repr(e['sha256'])} is not allowed; expected 64 lowercase hex digits")
+    check_file_name(e["file"], where)
+    return WeightsEntry(**e)
+
+
+def check_file_name(name: str, where: str) -> str:
+    """`name` if it is a plain file name (no folder, no '..'), so that it stays inside the weights folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise ZooError(f"{where}: file={short_repr(name)} is not allowed; expected a plain file name inside the "
+                       "weights folder (no folders, no '..')")
+    return name
+
+
+def entry_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Path:
+    """The entry's file in the weights folder; ZooError if it resolves anywhere else (e.g. through a symlink)."""
+    root = weights_root(wdir)
+    path = root / check_file_name(entry.file, f"weights entry {entry.name}")
+    if path.resolve().parent != root.resolve():
+        raise ZooError(f"weights entry {entry.name}: {str(path)!r} resolves to {str(path.resolve())!r}, outside the "
+                       f"weights folder {str(root)!r}; index files must live in that folder")
+    return path
 
 
 def write_index(entries: list[WeightsEntry], wdir: str | os.PathLike | None = None) -> Path:
@@ -205,7 +249,11 @@ def verify_index(weights_dir: str | os.PathLike | None = None) -> list[str]:
     d = weights_root(weights_dir)
     problems = []
     for e in read_index(d):
-        p = d / e.file
+        try:
+            p = entry_path(e, d)
+        except ZooError as err:
+            problems.append(str(err))
+            continue
         if not p.is_file():
             problems.append(f"{e.describe()}: file {e.file!r} is missing")
         elif sha256_file(p) != e.sha256:
