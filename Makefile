@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+REAL_TABLES := recipes/mnist_han.md recipes/mnist_hinton.md recipes/cifar10_compress.md recipes/tflite_transfer_050.md
+
 demo: $(STAMP)
 	$(VENV)/bin/zoo tables
+	@for t in $(REAL_TABLES); do echo; head -1 $$t; grep '^|' $$t; done
+	@# real-data quick check: re-measure the committed MNIST weights (skipped, with why, without ../shared/data)
+	$(VENV)/bin/zoo weights verify --evaluate
 	$(VENV)/bin/zoo recipe check recipes/digits_kd.yaml --threads 1
 
 test: $(STAMP)

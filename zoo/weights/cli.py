@@ -9,6 +9,7 @@ from typing import Any
 from zoo.cli import model_kwargs_from_args
 from zoo.errors import ZooError
 from zoo.weights.checkpoint import read_checkpoint
+from zoo.weights.evaluate import evaluate_index
 from zoo.weights.foreign import CLASS_SETS, import_state_dict
 from zoo.weights.tflite import import_tflite_command, is_tflite
 from zoo.weights.index import WeightsEntry, list_weights, register_checkpoint, verify_index, weights_for
@@ -63,6 +64,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         print(p)
     if not problems:
         print("all indexed weights files match their sha256")
+    if args.evaluate and not problems:
+        results = evaluate_index(args.weights_dir)
+        for r in results:
+            print(r.line())
+        problems = [r for r in results if not r.ok]
     return 1 if problems else 0
 
 
@@ -131,6 +137,9 @@ def add_commands(sub: Any) -> None:
     lst.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ARCH.TAG or TAG")
     lst.set_defaults(func=_cmd_list)
     v = ws.add_parser("verify", help="re-hash every indexed file (exit code 1 on a mismatch)")
+    v.add_argument("--evaluate", action="store_true",
+                   help="also re-measure each checkpoint's top-1 on its dataset's held-out split and compare it "
+                        "with the index (entries whose dataset is not on this machine are skipped, with why)")
     v.set_defaults(func=_cmd_verify)
     _add_import(ws)
     for q in (a, lst, v):
