@@ -13,6 +13,7 @@ import yaml
 
 from zoo.cli import main
 from zoo.recipe import load_checkpoint, load_recipe, run_recipe
+from zoo.recipe.engine import check_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,10 +121,11 @@ def test_check_passes_on_own_run_and_fails_on_tampered_table(tmp_path: Path, cap
     assert main(["recipe", "check", str(path), "--quick", "--out", str(out)]) == 2  # nothing committed yet
     assert "--write-table" in capsys.readouterr().err
     _run(path, out, write_table=True)
-    js, md = tmp_path / "tiny.results.json", tmp_path / "tiny.md"
+    js, md = tmp_path / "tiny.quick.results.json", tmp_path / "tiny.quick.md"  # quick tables sit beside full ones
     assert js.is_file() and md.is_file() and "QUICK RUN" in md.read_text()
-    assert main(["recipe", "check", str(path), "--out", str(out)]) == 2  # a quick table needs --quick
-    assert "--quick" in capsys.readouterr().err
+    assert not (tmp_path / "tiny.results.json").exists()
+    assert main(["recipe", "check", str(path), "--out", str(out)]) == 2  # no full table committed
+    assert "no committed results" in capsys.readouterr().err
     # a fresh re-run (new folder: everything retrains) matches the committed table
     assert main(["recipe", "check", str(path), "--quick", "--out", str(tmp_path / "fresh")]) == 0
     assert "check: OK" in capsys.readouterr().out
@@ -143,7 +145,7 @@ def test_check_passes_on_own_run_and_fails_on_tampered_table(tmp_path: Path, cap
     js.write_text(json.dumps(committed))  # numbers restored, but the markdown edited by hand
     md.write_text(md.read_text().replace("mlp-16 distilled", "mlp-16 distilled (best!)"))
     assert main(["recipe", "check", str(path), "--quick", "--out", str(out)]) == 1
-    assert "does not match what tiny.results.json renders" in capsys.readouterr().out
+    assert "does not match what tiny.quick.results.json renders" in capsys.readouterr().out
 
 
 def test_registered_stage_type_plugs_in(tmp_path: Path) -> None:
@@ -188,9 +190,9 @@ def test_registered_stage_type_plugs_in(tmp_path: Path) -> None:
         STAGE_TYPES.pop("scale_weights", None)
 
 
-def test_digits_kd_quick(tmp_path: Path) -> None:
+def test_digits_kd_quick_matches_its_committed_quick_table(tmp_path: Path) -> None:
     src = REPO / "recipes" / "digits_kd.yaml"
-    res, lines = _run(src, tmp_path / "out")
+    assert check_recipe(src, out=tmp_path / "out", quick=True, log=lambda s: None) == []
     res = _check_outputs(tmp_path / "out", src)
     assert res["quick"] and res["dataset"]["input_size"] == [1, 32, 32]
     rows = {r["stage"]: r for r in res["rows"]}
@@ -201,10 +203,10 @@ def test_digits_kd_quick(tmp_path: Path) -> None:
     assert all(r["teacher"] == rows["teacher"]["label"] for r in res["rows"] if r["type"] == "distill")
 
 
-def test_mnist_hinton_quick(tmp_path: Path, mnist_dir: Path, monkeypatch) -> None:
+def test_mnist_hinton_quick_matches_its_committed_quick_table(tmp_path: Path, mnist_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("ZOO_MNIST", str(mnist_dir))
     src = REPO / "recipes" / "mnist_hinton.yaml"
-    res, _ = _run(src, tmp_path / "out")
+    assert check_recipe(src, out=tmp_path / "out", quick=True, log=lambda s: None) == []
     res = _check_outputs(tmp_path / "out", src)
     assert res["dataset"]["input_size"] == [1, 28, 28]
     refs = [r["reference"]["errors_per_10k"] for r in res["rows"]]
@@ -218,12 +220,12 @@ def test_committed_tables_render_from_their_results() -> None:
         from zoo.recipe.report import render_markdown
 
         res = json.loads(js.read_text())
-        assert not res["quick"], js
+        assert res["quick"] == js.name.endswith(".quick.results.json"), js
         md = js.with_name(js.name.replace(".results.json", ".md"))
         assert md.read_text() == render_markdown(res), md
-        recipe = load_recipe(js.with_name(js.name.replace(".results.json", ".yaml")))
+        recipe = load_recipe(js.with_name(js.name.split(".")[0] + ".yaml"))
         assert [r["stage"] for r in res["rows"]] == [r.stage for r in recipe.rows]
-        assert res["seeds"] == recipe.seeds
+        assert res["seeds"] == (recipe.quick["seeds"] if res["quick"] else recipe.seeds)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import yaml
 
 from zoo.compress import prunable_layers
 from zoo.recipe import RecipeError, load_checkpoint, load_recipe, run_recipe
+from zoo.recipe.engine import check_recipe
 from zoo.recipe.report import render_markdown
 from zoo.train import evaluate
 
@@ -181,12 +182,11 @@ def test_committed_compression_recipes_validate_and_render() -> None:
             assert [row["stage"] for row in res["rows"]] == [row.stage for row in r.rows]
 
 
-def test_mnist_han_quick(mnist_dir: Path, tmp_path: Path) -> None:
-    raw = yaml.safe_load((REPO / "recipes" / "mnist_han.yaml").read_text())
-    raw["dataset"]["root"] = str(mnist_dir)
-    p = tmp_path / "mnist_han.yaml"
-    p.write_text(yaml.safe_dump(raw, sort_keys=False))
-    res = run_recipe(p, out=tmp_path / "run", quick=True, log=lambda s: None)
+def test_mnist_han_quick_matches_its_committed_quick_table(mnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ZOO_MNIST", str(mnist_dir))
+    p = REPO / "recipes" / "mnist_han.yaml"
+    assert check_recipe(p, out=tmp_path / "run", quick=True, log=lambda s: None) == []
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["stage"]: r for r in res["rows"]}
     for dense, pruned in (("l300", "l300_han"), ("l5", "l5_han")):
         assert rows[pruned]["params"] == rows[dense]["params"]

@@ -32,7 +32,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.file)
     _threads(args)
     diffs = check_recipe(recipe, out=args.out, quick=args.quick)
-    js, _ = committed_paths(recipe)
+    js, _ = committed_paths(recipe, args.quick)
     tol = ", ".join(f"{k} {v:g}" for k, v in recipe.tolerance.items()) or "exact"
     if diffs:
         print(f"\nzoo recipe check: FAILED, {len(diffs)} difference(s) from {js} (tolerance: {tol}):")
@@ -77,7 +77,7 @@ def add_commands(sub: Any) -> None:
                                     "tolerance. Exit code 1 on a mismatch.")
     c.add_argument("file", help="recipe YAML file")
     c.add_argument("--out", default=None, help="output folder (default runs/<recipe name>-check[-quick])")
-    c.add_argument("--quick", action="store_true", help="compare quick runs (the committed table must be one)")
+    c.add_argument("--quick", action="store_true", help="check the quick smoke run against <stem>.quick.results.json / .quick.md")
     c.add_argument("--threads", type=int, default=None, help="torch threads for training")
     c.set_defaults(func=_cmd_check)
 

@@ -273,7 +273,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
     results = report.build_results(run, records, seeds, wall)
     report.write_outputs(results, out)
     if write_table:
-        js, md = committed_paths(recipe)
+        js, md = committed_paths(recipe, quick)
         write_json(js, results)
         md.write_text(report.render_markdown(results))
         log(f"wrote the committed table {md} and {js}")
@@ -282,9 +282,10 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
     return results
 
 
-def committed_paths(recipe: Recipe) -> tuple[Path, Path]:
-    """(results.json, table .md) committed next to the recipe file: <stem>.results.json and <stem>.md."""
-    stem = recipe.path.name.split(".")[0]
+def committed_paths(recipe: Recipe, quick: bool = False) -> tuple[Path, Path]:
+    """(results.json, table .md) committed next to the recipe file: <stem>.results.json and <stem>.md,
+    or <stem>.quick.results.json and <stem>.quick.md for the --quick smoke run that CI checks in seconds."""
+    stem = recipe.path.name.split(".")[0] + (".quick" if quick else "")
     return recipe.path.with_name(f"{stem}.results.json"), recipe.path.with_name(f"{stem}.md")
 
 
@@ -313,7 +314,7 @@ def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, qui
 
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    js, md = committed_paths(recipe)
+    js, md = committed_paths(recipe, quick)
     if not js.exists():
         raise ZooError(f"{recipe.path}: no committed results {js}; write them with "
                        f"`zoo recipe run {recipe.path}{' --quick' if quick else ''} --write-table`")
