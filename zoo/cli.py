@@ -21,7 +21,9 @@ from zoo._registry import list_models, model_args, model_card, resolve_kwargs
 from zoo.errors import ZooError
 
 # Modules that contribute subcommands (each defines add_commands(subparsers)); add yours here.
-COMMAND_MODULES: tuple[str, ...] = ("zoo.tables", "zoo.train", "zoo.finetune", "zoo.weights", "zoo.export", "zoo.recipe")
+COMMAND_MODULES: tuple[str, ...] = (
+    "zoo.tables", "zoo.train", "zoo.finetune", "zoo.predict", "zoo.weights", "zoo.export", "zoo.recipe",
+)
 
 # (flag, kwarg) pairs of `zoo profile` that are passed to zoo.create only when given.
 MODEL_FLAGS: tuple[tuple[str, str], ...] = (

@@ -371,8 +371,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    """Add `zoo finetune` and `zoo predict` to the zoo CLI."""
-    from zoo import predict as predict_mod
+    """Add `zoo finetune` to the zoo CLI (`zoo predict` is zoo.predict's, listed in zoo.cli.COMMAND_MODULES)."""
     from zoo.cli import MODEL_FLAGS
 
     p = sub.add_parser(
@@ -406,4 +405,3 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=_cmd_finetune)
-    predict_mod.add_commands(sub)

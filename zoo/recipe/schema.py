@@ -8,7 +8,6 @@ error names the file, the key path (e.g. `stages.kd_w05.teacher`) and what is al
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,83 +15,18 @@ from typing import Any, Callable
 
 import yaml
 
-from zoo._registry import model_args, model_card
 from zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.sources import data_root
 from zoo.errors import ZooError
-from zoo.untrusted import check_flow_depth, check_tree, clip, read_text, short_repr
+from zoo.recipe.checks import (  # RecipeError, Checker, DATASETS and fill_kwargs are part of this module's API too
+    DATASETS, Checker, RecipeError, check_model_kwargs, fill_kwargs, short_value, type_name,
+)
+from zoo.untrusted import check_flow_depth, check_tree, clip, read_text
 
-DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
 DATA_PREFIX = "$ZOO_DATA/"  # recipe paths starting with this are under zoo.data.sources.data_root()
 STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 # file suffixes a file-reference key accepts (default: .safetensors); `init` also takes TFLite files
 FILE_REF_SUFFIXES: dict[str, tuple[str, ...]] = {"init": (".safetensors", ".tflite")}
-
-
-class RecipeError(ZooError):
-    """A recipe file that does not validate: message is `<file>: <key path>: <problem>`."""
-
-
-class Checker:
-    """Raises RecipeError prefixed with the recipe file and a key path; small typed getters."""
-
-    def __init__(self, file: str):
-        self.file = file
-
-    def fail(self, path: str, msg: str) -> RecipeError:
-        """Build (for `raise`) the error for key `path`."""
-        return RecipeError(f"{self.file}: {path}: {msg}" if path else f"{self.file}: {msg}")
-
-    def mapping(self, value: Any, path: str, allowed: dict[str, str] | None = None,
-                required: tuple[str, ...] = ()) -> dict:
-        """Check `value` is a mapping with string keys among `allowed` and all `required` keys."""
-        if not isinstance(value, dict):
-            raise self.fail(path, f"expected a mapping, got {_tname(value)} {_short(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise self.fail(path, f"keys must be strings, got {_short(k)}")
-            if allowed is not None and k not in allowed:
-                raise self.fail(_join(path, k), "unknown key; allowed: " + ", ".join(allowed))
-        for k in required:
-            if k not in value:
-                raise self.fail(_join(path, k), f"missing required key ({allowed.get(k, '') if allowed else ''})")
-        return value
-
-    def typed(self, value: Any, path: str, kind: str) -> Any:
-        """Check one scalar/list value against kind: str, int, float, bool, number, int_list."""
-        ok = {
-            "str": isinstance(value, str),
-            "bool": isinstance(value, bool),
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(float(value)),
-            "int_list": isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool)
-                                                         for v in value),
-            "str_list": isinstance(value, list) and all(isinstance(v, str) for v in value),
-            "float_list": isinstance(value, list) and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) for v in value),
-        }[kind]
-        if not ok:
-            want = {"int_list": "a list of ints", "str_list": "a list of strings", "float": "a number",
-                    "float_list": "a list of numbers"}.get(kind, kind)
-            hint = ""
-            if kind == "float" and isinstance(value, str) and re.fullmatch(r"[-+]?\d+[eE][-+]?\d+", value.strip()):
-                hint = f" (YAML reads {value} as a string; write it with a dot and a signed exponent, e.g. 1.0e-4)"
-            raise self.fail(path, f"expected {want}, got {_tname(value)} {_short(value)}{hint}")
-        return float(value) if kind == "float" else value
-
-
-def _tname(v: Any) -> str:
-    return {dict: "mapping", list: "list", str: "string", bool: "bool", int: "int", float: "float",
-            type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _short(v: Any) -> str:
-    return short_repr(v, 60)  # bounded: never repr() a whole (possibly alias-expanded) user value
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
 
 
 # --------------------------------------------------------------------------- stage-type registry
@@ -246,7 +180,7 @@ def load_yaml(path: Path) -> Any:
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             if key in seen:
-                raise RecipeError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {_short(key)}")
+                raise RecipeError(f"{path}: line {key_node.start_mark.line + 1}: duplicate key {short_value(key)}")
             seen.add(key)
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
@@ -285,7 +219,7 @@ def validate_recipe(raw: Any, path: Path) -> Recipe:
     chk.mapping(raw, "", TOP_KEYS, required=("dataset", "stages"))
     name = chk.typed(raw.get("name", path.stem.split(".")[0]), "name", "str")
     if not STAGE_NAME.match(name):
-        raise chk.fail("name", f"{_short(name)} is not allowed; use letters, digits, '_' and '-'")
+        raise chk.fail("name", f"{short_value(name)} is not allowed; use letters, digits, '_' and '-'")
     description = chk.typed(raw.get("description", ""), "description", "str")
     dataset = _dataset(chk, raw["dataset"], path)
     seeds = _seeds(chk, raw)
@@ -348,12 +282,12 @@ def _dataset(chk: Checker, d: Any, path: Path) -> dict[str, Any]:
     chk.mapping(d, "dataset", DATASET_KEYS, required=("name", "input_size"))
     name = chk.typed(d["name"], "dataset.name", "str")
     if name not in DATASETS:
-        raise chk.fail("dataset.name", f"{_short(name)} is not supported; allowed: " + ", ".join(DATASETS))
+        raise chk.fail("dataset.name", f"{short_value(name)} is not supported; allowed: " + ", ".join(DATASETS))
     size = chk.typed(d["input_size"], "dataset.input_size", "int_list")
     if len(size) != 3 or min(size) < 1:
-        raise chk.fail("dataset.input_size", f"{_short(size)} is not allowed; expected [C, H, W] of positive ints")
+        raise chk.fail("dataset.input_size", f"{short_value(size)} is not allowed; expected [C, H, W] of positive ints")
     if size[0] not in (1, 3):
-        raise chk.fail("dataset.input_size", f"{_short(size)} has {size[0]} channels; the datasets deliver 1 or 3")
+        raise chk.fail("dataset.input_size", f"{short_value(size)} has {size[0]} channels; the datasets deliver 1 or 3")
     out: dict[str, Any] = {"name": name, "input_size": list(size), "root": None, "val_fraction": 0.2,
                            "num_workers": 0, "normalize": _normalize(chk, d.get("normalize", "dataset"), size[0])}
     if d.get("root") is not None:
@@ -384,7 +318,7 @@ def _seeds(chk: Checker, raw: dict) -> list[int]:
     if "seeds" in raw:
         seeds = chk.typed(raw["seeds"], "seeds", "int_list")
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise chk.fail("seeds", f"{_short(seeds)} is not allowed; expected a non-empty list of distinct ints >= 0")
+            raise chk.fail("seeds", f"{short_value(seeds)} is not allowed; expected a non-empty list of distinct ints >= 0")
         return list(seeds)
     return [_seed_value(chk, raw.get("seed", 0), "seed")]
 
@@ -394,13 +328,13 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
     for name, st in stages_raw.items():
         p = f"stages.{name}"
         if not STAGE_NAME.match(name):
-            raise chk.fail(p, f"stage name {_short(name)} is not allowed; use letters, digits, '_' and '-'")
+            raise chk.fail(p, f"stage name {short_value(name)} is not allowed; use letters, digits, '_' and '-'")
         chk.mapping(st, p)
         if "type" not in st:
             raise chk.fail(f"{p}.type", "missing required key; allowed: " + ", ".join(STAGE_TYPES))
         typ = chk.typed(st["type"], f"{p}.type", "str")
         if typ not in STAGE_TYPES:
-            raise chk.fail(f"{p}.type", f"{_short(typ)} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
+            raise chk.fail(f"{p}.type", f"{short_value(typ)} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
         stype = STAGE_TYPES[typ]
         allowed = {**COMMON_STAGE_KEYS, **stype.keys}
         chk.mapping(st, p, allowed)
@@ -453,7 +387,7 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
         if seed is not None:
             for dep in info["deps"]:
                 if out[dep].seed is None:
-                    raise chk.fail(f"{p}.seed", f"a stage with a fixed seed cannot depend on stage {_short(dep)}, "
+                    raise chk.fail(f"{p}.seed", f"a stage with a fixed seed cannot depend on stage {short_value(dep)}, "
                                                 "which follows the recipe's seeds; give it a fixed seed too")
         out[name] = StageSpec(name=name, type=info["type"], model=model, kwargs=kwargs, source=st.get("from"),
                               seed=seed, options=info["options"], deps=info["deps"], files=info["files"])
@@ -463,9 +397,9 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
 def _ref(chk: Checker, path: str, value: Any, stages: dict, self_name: str, also: str = "") -> str:
     chk.typed(value, path, "str")
     if value == self_name:
-        raise chk.fail(path, f"a stage cannot refer to itself ({_short(value)})")
+        raise chk.fail(path, f"a stage cannot refer to itself ({short_value(value)})")
     if value not in stages:
-        raise chk.fail(path, f"{_short(value)} is not a stage; allowed: " + ", ".join(s for s in stages if s != self_name)
+        raise chk.fail(path, f"{short_value(value)} is not a stage; allowed: " + ", ".join(s for s in stages if s != self_name)
                        + also)
     return value
 
@@ -496,51 +430,6 @@ def _toposort(chk: Checker, parsed: dict[str, dict]) -> list[str]:
     return order
 
 
-def check_model_kwargs(chk: Checker, path: str, model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
-    """Validate model name and kwargs (through the registry) against the dataset; return full kwargs."""
-    try:
-        args = model_args(model)
-    except ZooError as e:
-        raise chk.fail(f"{path}.model", str(e)) from None
-    for k, v in kwargs.items():
-        if k not in args:
-            raise chk.fail(f"{path}.kwargs.{k}", f"{model} has no argument {_short(k)}; accepted: " + ", ".join(sorted(args)))
-        try:
-            args[k].validate(model, k, v)
-        except ZooError as e:
-            raise chk.fail(f"{path}.kwargs.{k}", str(e)) from None
-    full = fill_kwargs(model, kwargs, dataset)
-    c, h, w = dataset["input_size"]
-    for k in ("in_chans", "num_classes", "resolution"):
-        if k in kwargs and full[k] != kwargs[k]:
-            raise chk.fail(f"{path}.kwargs.{k}", f"{_short(kwargs[k])} does not match the dataset ({k}={_short(full[k])}); "
-                                                 "leave it out, the dataset sets it")
-    card = model_card(model)
-    if card.fixed_resolution:
-        want = card.input_size(full)
-        if (want[1], want[2]) != (h, w):
-            raise chk.fail(f"{path}.model", f"{model} needs {want[1]}x{want[2]} inputs but dataset.input_size is "
-                                            f"{[c, h, w]}")
-    elif min(h, w) < card.min_resolution:
-        raise chk.fail(f"{path}.model", f"{model} needs inputs of at least {card.min_resolution}x"
-                                        f"{card.min_resolution}; dataset.input_size is {[c, h, w]}")
-    return full
-
-
-def fill_kwargs(model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
-    """Kwargs with in_chans, num_classes (when the dataset fixes it) and resolution set from the dataset."""
-    args = model_args(model)
-    out = dict(kwargs)
-    c, h, _ = dataset["input_size"]
-    out["in_chans"] = c
-    n = dataset.get("num_classes") or DATASETS.get(dataset["name"])
-    if n is not None:
-        out["num_classes"] = n
-    if "resolution" in args:
-        out["resolution"] = h
-    return out
-
-
 def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[RowSpec], list[str]]:
     from zoo.recipe.report import COLUMNS, DEFAULT_COLUMNS
 
@@ -552,7 +441,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
                              "columns": "list of column names: " + ", ".join(COLUMNS)})
     rows_raw = t.get("rows", list(stages))
     if not isinstance(rows_raw, list) or not rows_raw:
-        raise chk.fail("table.rows", f"expected a non-empty list, got {_tname(rows_raw)} {_short(rows_raw)}")
+        raise chk.fail("table.rows", f"expected a non-empty list, got {type_name(rows_raw)} {short_value(rows_raw)}")
     rows: list[RowSpec] = []
     for i, r in enumerate(rows_raw):
         p = f"table.rows[{i}]"
@@ -561,7 +450,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
         chk.mapping(r, p, ROW_KEYS, required=("stage",))
         stage = chk.typed(r["stage"], f"{p}.stage", "str")
         if stage not in stages:
-            raise chk.fail(f"{p}.stage", f"{_short(stage)} is not a stage; allowed: " + ", ".join(stages))
+            raise chk.fail(f"{p}.stage", f"{short_value(stage)} is not a stage; allowed: " + ", ".join(stages))
         label = chk.typed(r.get("label", default_label(stages[stage])), f"{p}.label", "str")
         ref = dict(chk.mapping(r.get("reference", {}) or {}, f"{p}.reference", REFERENCE_KEYS))
         for k in ("top1", "errors_per_10k", "params"):
@@ -577,7 +466,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
     columns = chk.typed(t.get("columns", list(DEFAULT_COLUMNS)), "table.columns", "str_list")
     for i, c in enumerate(columns):
         if c not in COLUMNS:
-            raise chk.fail(f"table.columns[{i}]", f"{_short(c)} is not a column; allowed: " + ", ".join(COLUMNS))
+            raise chk.fail(f"table.columns[{i}]", f"{short_value(c)} is not a column; allowed: " + ", ".join(COLUMNS))
     return rows, list(columns)
 
 
@@ -593,7 +482,7 @@ def _quick(chk: Checker, q: Any, seeds: list[int]) -> dict[str, Any]:
     if "seeds" in q:
         s = chk.typed(q["seeds"], "quick.seeds", "int_list")
         if not s or len(set(s)) != len(s) or min(s) < 0:
-            raise chk.fail("quick.seeds", f"{_short(s)} is not allowed; expected a non-empty list of distinct ints >= 0")
+            raise chk.fail("quick.seeds", f"{short_value(s)} is not allowed; expected a non-empty list of distinct ints >= 0")
         out["seeds"] = list(s)
     if "train" in q:
         from zoo.recipe.stages import check_train_config
