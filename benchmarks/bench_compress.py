@@ -8,6 +8,11 @@ fp32 eager and fp32 torch.compile, at batch 1.
 
     python benchmarks/bench_compress.py                      # mobilenet_v2 + resnet18, 224 px
     python benchmarks/bench_compress.py --models mobilenet_v2 --size 224 --threads 2 --no-pt2e
+    python benchmarks/bench_compress.py --models mobilenet_v2 --threads 2 --tables round   # round_to only
+
+The round_to table prunes 50% of the channels (L1 magnitude) in global and layer scope with kept counts
+rounded up to multiples of 8 / 16 (prune(..., round_to=N)) or not, and times dense and all of them
+interleaved: the ratio to dense is the pruned latency, MACs/dense the work left.
 
 Weights are random (latency does not depend on them); int8 is calibrated on random batches.
 """
@@ -15,6 +20,7 @@ Weights are random (latency does not depend on them); int8 is calibrated on rand
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,23 +35,28 @@ import zoo.compress as zc
 from zoo.profile import count_macs
 
 
-def _time(fn: Callable[[], object]) -> float:
+def time_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call in ms."""
     t0 = time.perf_counter()
     fn()
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms per variant, timing each variant once per repeat in a rotating order."""
+def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                gap_s: float = 0.0) -> dict[str, float]:
+    """Median ms per variant, timing each variant once per repeat in a rotating order; `gap_s` pauses
+    (untimed) after every call, so a runtime's spinning thread pool cannot steal the next variant's cores."""
     names = list(variants)
     for _ in range(warmup):
         for n in names:
             variants[n]()
+            time.sleep(gap_s)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
-            times[n].append(_time(variants[n]))
+            times[n].append(time_ms(variants[n]))
+            time.sleep(gap_s)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -83,6 +94,34 @@ def compress_table(names: list[str], size: int, batches: list[int], repeats: int
                 t = interleaved(v, repeats if b == 1 else max(3, repeats // 3), warmup=2)
             print(f"{name:14s} {b:5d} " + " ".join(f"{t[c]:9.2f}" for c in cols) + "                   "
                   + " ".join(f"{t[c] / t['fp32']:8.2f}" for c in cols[1:]) + f"   {macs:.2f}", flush=True)
+
+
+def round_table(names: list[str], size: int, batches: list[int], repeats: int, scopes: list[str],
+                rounds: list[int | None]) -> None:
+    """Print dense vs 50% channel-pruned latency for each scope and round_to, interleaved, with ratios."""
+    print(f"\n== 50% channel pruning (L1 magnitude) with round_to: latency / dense; {size}px, "
+          f"{torch.get_num_threads()} threads, median ms over {repeats} interleaved repeats (fewer at batch>1) ==")
+    print(f"{'model':14s} {'scope':6s} {'round_to':>8s} {'MACs/dense':>10s} "
+          + " ".join(f"{'ms b' + str(b):>9s} {'ratio b' + str(b):>9s}" for b in batches))
+    for name in names:
+        m = build(name, size)
+        dense_macs = count_macs(m, (3, size, size))
+        models: dict[str, nn.Module] = {"dense": m}
+        for scope in scopes:
+            for r in rounds:
+                models[f"{scope} {r}"] = zc.prune(m, 0.5, "magnitude", "channel", scope, p=1, round_to=r)
+        times = {}
+        for b in batches:
+            x = torch.randn(b, 3, size, size)
+            with torch.inference_mode():
+                v = {k: (lambda mm=mm: mm(x)) for k, mm in models.items()}
+                times[b] = interleaved(v, repeats if b == 1 else max(3, repeats // 3), warmup=2)
+        for k, mm in models.items():
+            scope, r = ("-", "-") if k == "dense" else k.split(" ")
+            macs = count_macs(mm, (3, size, size)) / dense_macs
+            print(f"{name:14s} {scope:6s} {r:>8s} {macs:10.3f} "
+                  + " ".join(f"{times[b][k]:9.2f} {times[b][k] / times[b]['dense']:9.3f}" for b in batches),
+                  flush=True)
 
 
 def pt2e_int8(m: nn.Module, x: torch.Tensor, cal: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -144,15 +183,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-pt2e", action="store_true", help="skip the eager-vs-PT2E int8 flow table")
+    ap.add_argument("--tables", nargs="+", default=["compress", "round", "flow"], choices=["compress", "round", "flow"],
+                    help="which tables to print (default all; --no-pt2e drops 'flow')")
+    ap.add_argument("--scopes", nargs="+", default=["global", "layer"], choices=["global", "layer"],
+                    help="pruning scopes of the round_to table")
+    ap.add_argument("--round-to", nargs="+", default=["none", "8", "16"],
+                    help="round_to values of the round_to table ('none': no rounding)")
     args = ap.parse_args(argv)
+    rounds = [None if r.lower() == "none" else int(r) for r in args.round_to]
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}")
-    compress_table(args.models, args.size, args.batches, args.repeats)
-    if not args.no_pt2e:
+    print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}, "
+          f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f}")
+    if "compress" in args.tables:
+        compress_table(args.models, args.size, args.batches, args.repeats)
+    if "round" in args.tables:
+        round_table(args.models, args.size, args.batches, args.repeats, args.scopes, rounds)
+    if "flow" in args.tables and not args.no_pt2e:
         flow_table(args.models, args.size, args.repeats)
-    print("\nzoo.compress.quantize uses the eager torch.ao flow: compare 'int8 eager' with 'int8 PT2E' above.")
+    if "flow" in args.tables and not args.no_pt2e:
+        print("\nzoo.compress.quantize uses the eager torch.ao flow: compare 'int8 eager' with 'int8 PT2E' above.")
     return 0
 
 

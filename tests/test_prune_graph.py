@@ -19,6 +19,7 @@ from zoo.compress.select import keep_counts
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 from zoo.profile import count_macs
+from toy_nets import Toy  # noqa: E402  (tests/ is on sys.path)
 
 X8 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -53,29 +54,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-class Residual(nn.Module):
-    """A residual add written inside a custom module (no zoo block): x + bn(conv(relu(bn(conv(x)))))."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class Toy(nn.Module):
-    """The 8-channel toy net of issue 12."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.blocks = nn.Sequential(Residual(c), Residual(c))
-        self.fc = nn.Linear(c, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
 
 
 def test_residual_inside_a_custom_module_is_one_group():

@@ -110,7 +110,7 @@ def _check_common(func: str, model: nn.Module, amount: float, criterion: str, gr
 def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granularity: str = "weight",
           scope: str = "global", data: Any = None, example_inputs: torch.Tensor | None = None, *,
           p: int = 2, protect: Sequence[str] | None = None, loss_fn: C.LossFn | None = None,
-          max_batches: int | None = None, hessian: str = "fisher", seed: int = 0, round_to: int = 1,
+          max_batches: int | None = None, hessian: str = "fisher", seed: int = 0, round_to: int | None = None,
           max_per_layer: float | None = None, check: bool = True, inplace: bool = False) -> nn.Module:
     """Prune `amount` of the weights (granularity='weight') or channel units ('channel').
 
@@ -121,8 +121,9 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     sparsity of the prunable weights (already-masked weights count as pruned), `protect` defaults to
     ('first', 'last'). For 'channel', `amount` is the fraction of units of the current model removed;
     the image channels and class outputs are never pruned and `protect` (default none) freezes the
-    channel groups a named layer belongs to; `round_to` rounds every kept channel count up to a multiple
-    (8 keeps int8 and SIMD kernels fast); in global scope no group loses more than `max_per_layer` of
+    channel groups a named layer belongs to; `round_to` (None: no rounding) rounds every kept channel count
+    up to a multiple, as Torch-Pruning's round_to (8 suits int8 and SIMD kernels), capped at the layer's
+    own count and never zero; in global scope no group loses more than `max_per_layer` of
     its units (default: all but one), the rest goes to other groups. Models not built by zoo.create
     need `example_inputs`. With `check` (default) the result is compared on a probe input with the
     masked model, and a mismatch raises a ZooError naming the first layer that differs. Returns a copy
@@ -132,8 +133,7 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     amount = _check_common(func, model, amount, criterion, granularity, scope, hessian)
     if p not in (1, 2):
         raise ZooError(f"prune: p={p!r} is not allowed; magnitude uses the L1 (p=1) or L2 (p=2) norm")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ZooError(f"prune: round_to={round_to!r} is not allowed; expected an int >= 1")
+    round_to = _check_round_to(round_to, granularity)
     ok = max_per_layer is None or (isinstance(max_per_layer, (int, float)) and not isinstance(max_per_layer, bool)
                                    and 0.0 < max_per_layer <= 1.0)
     if not ok:
@@ -166,11 +166,23 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     return model
 
 
+def _check_round_to(round_to: object, granularity: str) -> int:
+    """The channel multiple of `round_to` (1 for None), or a ZooError saying what is allowed."""
+    if round_to is None:
+        return 1
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ZooError(f"prune: round_to={round_to!r} is not allowed; expected None or an int >= 1 "
+                       "(kept channel counts become multiples of it)")
+    if granularity != "channel" and round_to > 1:
+        raise ZooError(f"prune: round_to={round_to} only applies to granularity='channel' (kept channel counts); "
+                       f"granularity={granularity!r} masks single weights")
+    return round_to
+
+
 def verify_pruned(masked: nn.Module, pruned: nn.Module, example: torch.Tensor,
                   index: dict[str, torch.Tensor] | None = None) -> None:
     """Raise a ZooError naming the first differing layer unless `pruned` equals `masked` on a probe input."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((2,) + tuple(example.shape[1:]), generator=gen).to(example.device)
+    x = probe_input(example)
     with eval_mode(masked), eval_mode(pruned), torch.no_grad():
         a, b = masked(x), pruned(x)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and _close(a, b):
@@ -178,6 +190,24 @@ def verify_pruned(masked: nn.Module, pruned: nn.Module, example: torch.Tensor,
     where = _first_mismatch(masked, pruned, x, index or {})
     raise ZooError(f"structured pruning: the pruned model differs from the masked model at {where!r} on a probe "
                    "input; the channel graph missed a dependency there (please report it)")
+
+
+def probe_input(example: torch.Tensor) -> torch.Tensor:
+    """The post-surgery check's probe: two standard-normal samples (seed 0) shaped like `example`."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((2,) + tuple(example.shape[1:]), generator=gen).to(example.device)
+
+
+def equivalence_error(masked: nn.Module, pruned: nn.Module, example: torch.Tensor) -> float:
+    """max |pruned - masked| / max |masked| on the check's probe input (inf when the outputs differ in shape)."""
+    x = probe_input(example)
+    with eval_mode(masked), eval_mode(pruned), torch.no_grad():
+        a, b = masked(x), pruned(x)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
+        return math.inf
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    diff = float((a - b).abs().max()) if a.numel() else 0.0
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from zoo.compress.quantization import BACKENDS as QUANT_BACKENDS
 from zoo.recipe.schema import DEFAULT_SECTIONS, Checker, StageType, register_stage_type
 
 CRITERIA = ("magnitude", "taylor", "hessian", "loss_change", "random")
@@ -27,7 +28,7 @@ GRANULARITIES = ("weight", "channel")
 SCOPES = ("global", "layer")
 SCHEDULES = ("one_shot", "iterative", "snip")
 METHODS = ("dynamic", "static", "qat", "binary", "ternary", "weights_kbit")
-BACKENDS = ("auto", "x86", "fbgemm")
+BACKENDS = QUANT_BACKENDS  # zoo.compress.quantize: eager torch.ao engines and the torchao PT2E quantizers
 OBSERVERS = ("histogram", "minmax")
 FINETUNE_DOC = ("fine-tuning: zoo.train.TrainConfig keys over defaults.finetune (true: defaults.finetune as is; "
                 "absent or false: none)")
@@ -46,6 +47,8 @@ PRUNE_KEYS = {
     "batches": "training batches fed to the data-driven criteria (taylor, hessian, loss_change; default 4)",
     "batch_size": "images per batch of that criterion data (default 64); loss_change costs one forward pass "
                   "of all of them per channel unit",
+    "round_to": "granularity channel only: kept channel counts rounded up to a multiple of this int >= 1 "
+                "(e.g. 8, for fast kernels), capped at each layer's own count; default: no rounding",
     "finetune": FINETUNE_DOC + "; iterative: this fine-tune runs after every step",
 }
 QUANT_KEYS = {
@@ -143,6 +146,8 @@ def _validate_prune(chk: Checker, path: str, stage: dict, defaults: dict) -> dic
                                             "granularity: channel")
     if "steps" in stage and schedule != "iterative":
         raise chk.fail(f"{path}.steps", "only used with schedule: iterative")
+    if "round_to" in stage and (granularity != "channel" or schedule == "snip"):
+        raise chk.fail(f"{path}.round_to", "only used with granularity: channel (it rounds kept channel counts)")
     ft = _finetune(chk, path, stage, defaults)
     if schedule in ("snip", "iterative") and ft is None:
         raise chk.fail(f"{path}.finetune", f"missing: schedule {schedule} needs a finetune block "
@@ -156,6 +161,8 @@ def _validate_prune(chk: Checker, path: str, stage: dict, defaults: dict) -> dic
         "protect": _protect(chk, stage, path), "batches": _int(chk, stage, path, "batches", 4, 1),
         "batch_size": _int(chk, stage, path, "batch_size", 64, 1),
     }
+    if "round_to" in stage:  # only when given: the options hash of existing recipes stays the same
+        out["round_to"] = _int(chk, stage, path, "round_to", None, 1)
     if ft is not None:
         out["train"] = ft
     return out
@@ -260,6 +267,8 @@ def run_prune(ctx: Any) -> tuple[Any, dict[str, Any]]:
     kw: dict[str, Any] = {"max_batches": o["batches"]} if data_needed else {}
     if o["protect"] is not None:
         kw["protect"] = o["protect"]
+    if o.get("round_to") is not None:
+        kw["round_to"] = o["round_to"]
     ft_epochs = 0
     if o["schedule"] == "snip":
         from zoo._registry import create
