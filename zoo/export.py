@@ -1,4 +1,4 @@
-"""Export zoo models for deployment: ONNX (onnxruntime) and TorchScript (trace), with output checks.
+"""Export zoo models for deployment: ONNX (onnxruntime), TorchScript (trace) and ExecuTorch, with output checks.
 
 ONNX uses PyTorch's TorchScript-based exporter (`dynamo=False`): the default dynamo exporter of
 torch >= 2.9 needs onnxscript, which zoo does not depend on. Both exporters trace the model in eval
@@ -11,6 +11,11 @@ LeNet/MLP, MobileNet v1, ResNet, SqueezeNet and ShuffleNet v1 (within a few outp
 steps of PyTorch); it fails with one ZooError for MobileNet v2 (no ONNX symbolic for quantized::relu6)
 and ShuffleNet v2 (channel split = Slice of a quantized tensor). See tests/test_export.py.
 A TorchScript file is a zip of pickles: a deployment format, never zoo's storage format.
+
+Deployment int8 from the float model (zoo.deploy, `pip install 'zoo[deploy]'`): `to_onnx(..., int8=True,
+calibration=...)` writes a QDQ model quantized by onnxruntime, and `to_executorch` writes an ExecuTorch
+`.pte` program lowered to the XNNPACK delegate (int8 through torchao PT2E and the XNNPACKQuantizer);
+`load_executorch` runs it through executorch.runtime.
 """
 
 from __future__ import annotations
@@ -28,10 +33,14 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from zoo import deploy
+from zoo.deploy import ExecutorchModule, load_executorch
 from zoo.errors import ZooError
 
-FORMATS = ("onnx", "torchscript")
-SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = ("onnx", "torchscript", "executorch")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "executorch": ".pte"}
+__all__ = ["ExecutorchModule", "export", "load_executorch", "load_torchscript", "max_abs_diff", "onnx_outputs",
+           "to_executorch", "to_onnx", "to_torchscript"]
 OPSET = 17
 
 
@@ -126,9 +135,17 @@ def _check_model(model: Any, fn: str) -> None:
 
 
 def to_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Sequence[int] | None = None,
-            opset: int = OPSET, dynamic_batch: bool = True) -> Path:
-    """Export to an ONNX file (input "input", output "logits"); returns the path."""
+            opset: int = OPSET, dynamic_batch: bool = True, int8: bool = False, calibration: Any = None) -> Path:
+    """Export to an ONNX file (input "input", output "logits"); int8: QDQ, calibrated on `calibration` batches."""
     _check_model(model, "to_onnx")
+    if int8:
+        cal = deploy.calibration_inputs(calibration, "to_onnx")
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32 = to_onnx(model, Path(tmp) / "fp32.onnx", input_size, opset, dynamic_batch)
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            return deploy.onnx_quantize_static(fp32, path, cal)
+    if calibration is not None:
+        raise ZooError("to_onnx: calibration is only used with int8=True")
     try:
         import onnx
     except ImportError:
@@ -155,13 +172,11 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Sequenc
 def onnx_outputs(path: str | os.PathLike, x: torch.Tensor) -> torch.Tensor:
     """Run an exported ONNX file in onnxruntime (CPU) on `x`."""
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError:
         raise ZooError("running ONNX files needs onnxruntime: pip install 'zoo[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, torch.get_num_threads())
     try:
-        sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+        sess = deploy.ort_session(path)
         (y,) = sess.run(["logits"], {"input": x.detach().cpu().numpy()})
     except Exception as e:
         raise ZooError(f"onnxruntime cannot run {str(path)!r}: {_first_line(e)}") from None
@@ -183,6 +198,30 @@ def to_torchscript(model: nn.Module, path: str | os.PathLike, input_size: int | 
     return p
 
 
+def to_executorch(model: nn.Module, path: str | os.PathLike, int8: bool = False, calibration: Any = None,
+                  input_size: int | Sequence[int] | None = None, batch: int = 1) -> Path:
+    """Write an ExecuTorch `.pte` program (XNNPACK delegate) for a fixed (batch, C, H, W); returns the path.
+
+    int8=True quantizes with torchao PT2E and the XNNPACKQuantizer, calibrated on `calibration` (an
+    iterable of input batches or (input, target) pairs; the first 8 are used).
+    """
+    _check_model(model, "to_executorch")
+    if not isinstance(int8, bool):
+        raise ZooError(f"to_executorch: int8={int8!r} is not allowed; expected True or False")
+    if int8:
+        cal = deploy.calibration_inputs(calibration, "to_executorch")
+    elif calibration is not None:
+        raise ZooError("to_executorch: calibration is only used with int8=True")
+    else:
+        cal = None
+    x = example_input(model, input_size, batch)
+    data = deploy.executorch_program(model, x, int8=int8, calibration=cal)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
 def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
     """torch.jit.load a TorchScript export (trusted files only: TorchScript archives contain pickles)."""
     with warnings.catch_warnings():
@@ -193,11 +232,13 @@ def load_torchscript(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 @torch.no_grad()
 def max_abs_diff(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> float:
-    """Max |exported(x) - model(x)| for an .onnx (onnxruntime) or TorchScript file, model in eval mode."""
+    """Max |exported(x) - model(x)| for an .onnx (onnxruntime), .pte (ExecuTorch) or TorchScript file."""
     with _eval_quiet(model):
         y = model(x)
     if str(path).endswith(".onnx"):
         y2 = onnx_outputs(path, x)
+    elif str(path).endswith(".pte"):
+        y2 = load_executorch(path)(x)
     else:
         ts = load_torchscript(path)
         with _eval_quiet(ts):
@@ -205,11 +246,19 @@ def max_abs_diff(model: nn.Module, path: str | os.PathLike, x: torch.Tensor) -> 
     return float((y2.float() - y.float()).abs().max())
 
 
-def export(model: nn.Module, fmt: str, out: str | os.PathLike, input_size: int | Sequence[int] | None = None) -> Path:
-    """Export in format 'onnx' or 'torchscript'."""
+def export(model: nn.Module, fmt: str, out: str | os.PathLike, input_size: int | Sequence[int] | None = None,
+           int8: bool = False, calibration: Any = None) -> Path:
+    """Export in format 'onnx', 'torchscript' or 'executorch' (int8 with calibration: onnx and executorch)."""
     if fmt not in FORMATS:
         raise ZooError(f"format={fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
-    return to_onnx(model, out, input_size) if fmt == "onnx" else to_torchscript(model, out, input_size)
+    if fmt == "onnx":
+        return to_onnx(model, out, input_size, int8=int8, calibration=calibration)
+    if fmt == "executorch":
+        return to_executorch(model, out, int8=int8, calibration=calibration, input_size=input_size)
+    if int8:
+        raise ZooError("format='torchscript' does not take int8=True; quantize with zoo.compress.quantize first, "
+                       "or use format 'onnx' / 'executorch'")
+    return to_torchscript(model, out, input_size)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -237,23 +286,76 @@ def _cmd_export(args: argparse.Namespace) -> int:
         model = create(name, weights=weights) if weights is not None else create(name)
     stem = Path(weights).stem if weights is not None and os.path.isfile(weights) else (
         f"{model.zoo_name}-{weights}" if weights is not None else model.zoo_name)
-    out = Path(args.out) if args.out else Path(stem + SUFFIX[args.format])
-    export(model, args.format, out, args.input_size)
-    x = example_input(model, args.input_size, batch=2, seed=1)
-    diff = max_abs_diff(model, out, x)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |{args.format} - pytorch| = {diff:.2e} on a "
-          f"random batch of 2")
+    out = Path(args.out) if args.out else Path(stem + ("-int8" if args.int8 else "") + SUFFIX[args.format])
+    if args.calibration is not None and not args.int8:
+        raise ZooError("--calibration is only used with --int8")
+    if not args.int8:
+        export(model, args.format, out, args.input_size)
+        x = example_input(model, args.input_size, batch=2, seed=1)
+        diff = max_abs_diff(model, out, x)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); max |{args.format} - pytorch| = {diff:.2e} on a "
+              f"random batch of 2")
+        return 0
+    if args.calibration is None:
+        raise ZooError("--int8 needs --calibration DATA, a dataset name: " + ", ".join(_calibration_sets()))
+    cal, held_out = _calibration_data(model, args.calibration, args.input_size, args.calibration_batches)
+    export(model, args.format, out, args.input_size, int8=True, calibration=cal)
+    with _eval_quiet(model), torch.no_grad():
+        ref = model(held_out)
+    got = onnx_outputs(out, held_out) if args.format == "onnx" else load_executorch(out)(held_out)
+    agree = float((got.argmax(1) == ref.argmax(1)).float().mean())
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB); int8 top-1 agrees with pytorch fp32 on {agree:.2%} of "
+          f"{len(held_out)} held-out {args.calibration} images (calibrated on {len(cal)} training batches)")
     return 0
+
+
+def _calibration_sets() -> list[str]:
+    from zoo.data import DATASETS
+
+    return [n for n in DATASETS if n != "imagefolder"]
+
+
+def _calibration_data(model: nn.Module, name: str, input_size: int | None, n_batches: int
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`n_batches` training batches of dataset `name` and up to 256 held-out images, normalised as the
+    weights were (their mean / std), at the export input size."""
+    from zoo.data import get_loaders
+
+    if name not in _calibration_sets():
+        raise ZooError(f"--calibration {name!r} is not allowed; allowed: " + ", ".join(_calibration_sets()))
+    if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+        raise ZooError(f"--calibration-batches {n_batches!r} is not allowed; expected an int >= 1")
+    size = input_shape(model, input_size)[1:]
+    info = getattr(model, "zoo_weights", None) or {}
+    norm = {"mean": info["mean"], "std": info["std"]} if "mean" in info and "std" in info else {}
+    train, val, _ = get_loaders(name, size, batch_size=32, **norm)
+    cal = []
+    for x, _ in train:
+        cal.append(x)
+        if len(cal) >= n_batches:
+            break
+    held: list[torch.Tensor] = []
+    for x, _ in val:
+        held.append(x)
+        if sum(len(h) for h in held) >= 256:
+            break
+    return cal, torch.cat(held)[:256]
 
 
 def add_commands(sub: Any) -> None:
     """Add `zoo export` to the zoo CLI."""
-    p = sub.add_parser("export", help="export a model (optionally with weights) to ONNX or TorchScript",
-                       description="Export to ONNX (onnxruntime) or TorchScript; prints the max output difference "
-                                   "to PyTorch on a random batch.")
+    p = sub.add_parser("export", help="export a model (optionally with weights) to ONNX, TorchScript or ExecuTorch",
+                       description="Export to ONNX (onnxruntime), TorchScript or ExecuTorch (.pte, XNNPACK); prints "
+                                   "the max output difference to PyTorch on a random batch, or with --int8 the top-1 "
+                                   "agreement with PyTorch fp32 on held-out images of the calibration dataset.")
     p.add_argument("name", nargs="?", default=None, help="registered model name (optional with a weights file)")
     p.add_argument("--weights", default=None, help="a weights tag (see `zoo weights list`) or a .safetensors file")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx or torchscript")
-    p.add_argument("--out", default=None, help="output file (default: <weights or model>.onnx / .pt)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx, torchscript or executorch")
+    p.add_argument("--out", default=None, help="output file (default: <weights or model>[-int8].onnx / .pt / .pte)")
+    p.add_argument("--int8", action="store_true", help="onnx: QDQ int8 (onnxruntime); executorch: PT2E int8 "
+                                                       "(XNNPACKQuantizer); needs --calibration")
+    p.add_argument("--calibration", default=None, metavar="DATA",
+                   help="dataset whose training images calibrate --int8: " + ", ".join(_calibration_sets()))
+    p.add_argument("--calibration-batches", type=int, default=8, help="calibration batches of 32 images (default 8)")
     p.add_argument("--input-size", type=int, default=None, help="input side for tracing (default: the model's)")
     p.set_defaults(func=_cmd_export)

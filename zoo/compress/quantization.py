@@ -7,11 +7,15 @@ concats). ConvNormAct is fused as conv+bn+relu; ReLU6 cannot be fused by torch.a
 and ReLU6 runs as a quantized op. Weights are per-channel symmetric int8; activations use histogram
 (or min/max) observers, 8-bit on CPUs with VNNI and 7-bit elsewhere (fbgemm's overflow workaround).
 
-Why eager and not torchao's PT2E flow: benchmarks/bench_compress.py times both. PT2E only reaches the
-eager latency with inductor freezing and a torch.compile step per loaded model (10-50 s here), and its
-result is a compiled graph, while the eager int8 model is an ordinary nn.Module that saves to
-safetensors + spec and reloads exactly (scales and zero points included). Without freezing, PT2E int8
-is no faster than fp32 compiled.
+Backends: 'auto' / 'x86' / 'fbgemm' are the eager torch.ao engines above; 'x86_pt2e' and 'xnnpack'
+run torchao's PT2E flow (zoo.compress.pt2e: X86InductorQuantizer / ExecuTorch's XNNPACKQuantizer),
+whose result is a torch.fx graph, stored and reloaded exactly by zoo.compress.save / load too.
+Why 'auto' stays eager: it is the only int8 model that is fast as an ordinary module in Python. An
+x86_pt2e graph reaches its speed only after compile_x86 (torch.compile with inductor freezing, a
+compile per loaded model), and xnnpack is fast only inside ExecuTorch (zoo.export.to_executorch);
+benchmarks/bench_int8.py times every backend side by side (benchmarks/int8.md).
+The eager torch.ao flow is deprecated upstream: its warnings are silenced in `_common.quiet` (the one
+place zoo calls it through), and removing it means deleting the eager branch of `quantize`/`rebuild`.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from torch.nn.utils import parametrize
 from zoo.compress._common import (add_step, batches, check_choice, check_model, copy_model, device_of,
                                   eval_mode, example_input, get_module, has_parametrizations, is_quantized_model,
                                   quiet, resolve_protect, steps, weight_layers)
+from zoo.compress import pt2e
 from zoo.compress.pruning import make_permanent, masked_layers
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight, WEIGHT_QUANTIZERS
 from zoo.errors import ZooError
 from zoo.layers import ConvNormAct
 
 METHODS = ("dynamic", "static", "qat", "binary", "ternary", "weights_kbit")
-BACKENDS = ("auto", "x86", "fbgemm")
+BACKENDS = ("auto", "x86", "fbgemm") + pt2e.PT2E_BACKENDS  # eager torch.ao engines, then torchao PT2E
 OBSERVERS = ("histogram", "minmax")
 
 
@@ -168,7 +173,8 @@ def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend:
                       batches initialise its ranges); finish with `convert`.
       'binary', 'ternary'  STE-trainable weights, `protect`ed layers (default first and last) float.
       'weights_kbit'  `bits` in 2..8, per-channel weight-only rounding (STE-trainable too).
-    backend: 'auto' (x86, or fbgemm when the model has grouped convs), 'x86' or 'fbgemm'.
+    backend: 'auto' (x86, or fbgemm when the model has grouped convs), 'x86' or 'fbgemm' (eager torch.ao);
+      'x86_pt2e' or 'xnnpack' (torchao PT2E, a torch.fx graph; see zoo.compress.pt2e; 'dynamic' = Linear only).
     """
     check_model("quantize", model)
     check_choice("quantize", "method", method, METHODS)
@@ -199,6 +205,8 @@ def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend:
         return _weight_only(model, method, bits, protect)
     if str(device_of(model)) != "cpu":
         raise ZooError("quantize: int8 models run on the CPU; move the model there first (model.cpu())")
+    if backend in pt2e.PT2E_BACKENDS:
+        return pt2e.run(model, method, backend, None if cal is None else [x for x, _ in cal], reduce_range())
     backend = resolve_backend(model, backend)
     _engine(backend)
     if method == "dynamic":
@@ -232,6 +240,10 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     st = steps(model)
     if not st or st[-1].get("kind") != "int8" or st[-1].get("method") != "qat" or st[-1].get("converted"):
         raise ZooError("convert: expected a model returned by quantize(method='qat') and not yet converted")
+    if st[-1]["backend"] in pt2e.PT2E_BACKENDS:
+        out = pt2e.copy_attrs(model, pt2e.convert_qat(copy_model(model, inplace)))  # a deep copy drops them
+        out.zoo_compression = st[:-1] + [dict(st[-1], converted=True)]
+        return out
     model = copy_model(model, inplace)
     _engine(st[-1]["backend"])
     _convert(model)
@@ -278,6 +290,9 @@ def rebuild(model: nn.Module, step: dict[str, Any]) -> None:
             else:
                 _attach(m, method, None)
         return
+    if step["backend"] in pt2e.PT2E_BACKENDS:
+        raise ZooError(f"rebuild: backend {step['backend']!r} (PT2E) builds a new graph: use "
+                       "zoo.compress.pt2e.rebuild, as zoo.compress.load does")
     _engine(step["backend"])
     if step["method"] == "dynamic":
         model.eval()

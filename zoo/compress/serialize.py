@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 from zoo._registry import MAX_PARAMS, check_param_budget, create, meta_model
 from zoo.compress._common import has_parametrizations, is_quantized_model, steps
 from zoo.compress.lowrank import rebuild as lowrank_rebuild
+from zoo.compress import pt2e
 from zoo.compress.pruning import WeightMask, register_masks
 from zoo.compress.quantization import rebuild as quant_rebuild
 from zoo.compress.surgery import rebuild_structure
@@ -99,6 +100,8 @@ def _encode_value(key: str, v: Any, out: dict[str, torch.Tensor]) -> None:
 
 def encode_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Plain, de-aliased tensors encoding the model's full state (see the module docstring)."""
+    if pt2e.is_pt2e(model):  # a torchao PT2E int8 graph: its own encoding (see zoo.compress.pt2e)
+        return pt2e.encode_state(model)
     sd = model.state_dict(keep_vars=False)
     special: dict[str, tuple[str, nn.Module, nn.Module]] = {}  # original key -> (kind, module, param)
     for name, m in model.named_modules():
@@ -204,6 +207,8 @@ def load_state(model: nn.Module, tensors: dict[str, Any], strict: bool = True) -
     The decoded dict carries the module versions of `model` as `_metadata`: torch.ao's quantized
     Linear reads its packed-weight layout from them, and safetensors files have none.
     """
+    if pt2e.is_pt2e(model):
+        return pt2e.load_state(model, tensors)
     if any(isinstance(k, str) and "#" in k for k in tensors):
         try:
             tensors = decode_state(tensors)
@@ -257,10 +262,13 @@ def check_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> None:
-    """Recreate one recorded step's structure; a step that does not fit the model is a ZooError."""
+def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> nn.Module:
+    """Recreate one recorded step's structure (in place, or a new graph for PT2E int8); a step that does
+    not fit the model is a ZooError."""
     kind = step["kind"]
     try:
+        if kind == "int8" and step["backend"] in pt2e.PT2E_BACKENDS:
+            return pt2e.rebuild(model, step)
         if kind == "channels":
             rebuild_structure(model, step["modules"])
             for a, v in step.get("attrs", {}).items():
@@ -274,6 +282,7 @@ def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> None:
             lowrank_rebuild(model, step)
         else:
             quant_rebuild(model, step)
+        return model
     except ZooError:
         raise
     except _REBUILD_ERRORS as e:
@@ -299,7 +308,7 @@ def build_from_spec(spec: dict[str, Any], max_params: int = MAX_PARAMS) -> nn.Mo
     check_param_budget(shaped, max_params, f"spec {spec['name']}")
     model = create(spec["name"], **kwargs)
     for i, step in enumerate(steps_):
-        _apply_step(model, i, step)
+        model = _apply_step(model, i, step)
     model.zoo_compression = list(steps_)
     install_decoder(model)
     return model

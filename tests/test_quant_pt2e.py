@@ -1,0 +1,131 @@
+"""PT2E int8 backends of zoo.compress.quantize (torchao): x86_pt2e (X86InductorQuantizer) and xnnpack.
+
+Agreement is measured on digits with the small models test_compress_quant.py trains (LeNet-5 and
+ResNet-20). Latency is never asserted: see benchmarks/bench_int8.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchao", reason="the PT2E backends need the deploy extra: pip install 'zoo[deploy]'")
+pytest.importorskip("executorch", reason="backend xnnpack needs the deploy extra: pip install 'zoo[deploy]'")
+
+import zoo  # noqa: E402
+import zoo.compress as zc  # noqa: E402
+from test_compress_quant import digits, predict, trained  # noqa: E402
+from zoo.compress.pt2e import compile_x86  # noqa: E402
+from zoo.errors import ZooError  # noqa: E402
+from zoo.io import model_spec, serialized_size  # noqa: E402
+from zoo.recipe.compress_stages import BACKENDS as RECIPE_BACKENDS  # noqa: E402
+
+
+def _q_ops(model: torch.nn.Module) -> set[str]:
+    return {str(n.target) for n in model.graph.nodes if n.op == "call_function" and "quantize" in str(n.target)}
+
+
+@pytest.mark.parametrize("backend", ["x86_pt2e", "xnnpack"])
+@pytest.mark.parametrize("family", ["lenet", "resnet_cifar"])
+def test_static_pt2e_agrees_with_fp32(family: str, backend: str, tmp_path: Path):
+    m = trained(family)
+    x, _, xv, _ = digits(m.default_input_size)
+    fp = predict(m, xv)
+    q = zc.quantize(m, "static", calibration=[x[i:i + 64] for i in range(0, 256, 64)], backend=backend)
+    assert "quantized_decomposed.quantize_per_tensor.default" in _q_ops(q)
+    rr = zc.quantization.reduce_range()  # 7-bit activations only on CPUs without VNNI
+    assert q.zoo_compression[-1] == {"kind": "int8", "method": "static", "backend": backend, "reduce_range": rr}
+    assert model_spec(q)["name"] == m.zoo_name and not getattr(m, "zoo_compression", None)  # source untouched
+    out = predict(q, xv)  # .eval() works on the exported graph
+    assert not torch.equal(out, fp)
+    agree = (out.argmax(1) == fp.argmax(1)).float().mean().item()
+    assert agree >= 0.97, f"{family} {backend}: int8 agrees with fp32 on {agree:.3f} of digits"
+    assert predict(q, xv[:5]).shape == (5, 10)  # any batch size, not only the calibration one
+    path = tmp_path / "q.safetensors"
+    zc.save(q, path)
+    r = zc.load(path)
+    assert torch.equal(predict(r, xv), out)  # int8 weights, scales and activation qparams restored exactly
+    assert r.zoo_compression == q.zoo_compression
+    fp_bytes, q_bytes = serialized_size(m), zoo.profile(q, flops=False).size_bytes
+    assert q_bytes == serialized_size(q) and 0.2 < q_bytes / fp_bytes < 0.4  # int8 weights, float biases
+    with pytest.raises(ZooError, match="already quantized"):
+        zc.quantize(q, "static", [x[:8]], backend=backend)
+
+
+def test_dynamic_pt2e_quantizes_linear_layers(tmp_path: Path):
+    m = trained("lenet")
+    _, _, xv, _ = digits(m.default_input_size)
+    q = zc.quantize(m, "dynamic", backend="x86_pt2e")
+    assert any("choose_qparams" in t for t in map(str, (n.target for n in q.graph.nodes)))
+    out = predict(q, xv)
+    agree = (out.argmax(1) == predict(m, xv).argmax(1)).float().mean().item()
+    assert agree >= 0.97
+    zc.save(q, tmp_path / "d.safetensors")
+    assert torch.equal(predict(zc.load(tmp_path / "d.safetensors"), xv), out)
+
+
+def test_qat_pt2e_prepare_finetune_convert(tmp_path: Path):
+    m = trained("resnet_cifar")
+    x, y, xv, _ = digits(m.default_input_size)
+    fp = predict(m, xv).argmax(1)
+    p = zc.quantize(m, "qat", backend="x86_pt2e", calibration=[x[:64]])
+    assert p.training and p.zoo_compression[-1]["converted"] is False
+    opt = torch.optim.SGD(p.parameters(), 1e-3, momentum=0.9)
+    for i in range(0, 6 * 32, 32):
+        loss = F.cross_entropy(p(x[i:i + 32]), y[i:i + 32])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with pytest.raises(ZooError, match="PT2E QAT model is stored after zoo.compress.convert"):
+        zc.save(p, tmp_path / "p.safetensors")
+    q = zc.convert(p)
+    assert q.zoo_compression[-1] == {"kind": "int8", "method": "qat", "backend": "x86_pt2e",
+                                     "reduce_range": zc.quantization.reduce_range(), "converted": True}
+    zc.save(q, tmp_path / "q.safetensors")
+    assert torch.equal(predict(zc.load(tmp_path / "q.safetensors"), xv), predict(q, xv))
+    assert "quantized_decomposed.quantize_per_tensor.default" in _q_ops(q)
+    agree = (predict(q, xv).argmax(1) == fp).float().mean().item()
+    assert agree >= 0.97
+    with pytest.raises(ZooError, match="convert"):
+        zc.convert(q)
+
+
+def test_compiled_x86_graph_keeps_predictions():
+    m = trained("lenet")
+    x, _, xv, _ = digits(m.default_input_size)
+    q = zc.quantize(m, "static", calibration=[x[:128]], backend="x86_pt2e")
+    ref = predict(q, xv[:64])
+    fast = compile_x86(q, xv[:64])
+    with torch.no_grad():
+        out = fast(xv[:64])
+    assert (out.argmax(1) == ref.argmax(1)).float().mean().item() >= 0.97
+    assert float((out - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_backend_vocabulary_is_shared_with_recipes():
+    assert {"x86_pt2e", "xnnpack"} <= set(zc.quantization.BACKENDS) == set(RECIPE_BACKENDS)
+    with pytest.raises(ZooError, match="backend='tpu' is not supported; allowed: .*'x86_pt2e', 'xnnpack'"):
+        zc.quantize(zoo.create("lenet5"), "dynamic", backend="tpu")
+
+
+def test_recipe_quantize_stage_with_pt2e_backend(tmp_path: Path):
+    """A recipe `quantize` stage takes `backend: x86_pt2e`; its checkpoint reloads to the recorded top-1."""
+    from test_recipe_compress import _write
+    from zoo.data import get_loaders
+    from zoo.recipe import load_checkpoint, run_recipe
+    from zoo.train import evaluate
+
+    stages = {"q": {"type": "quantize", "from": "dense", "method": "static", "calibration": 2, "backend": "x86_pt2e"}}
+    p = _write(tmp_path, stages, table={"rows": ["dense", "q"], "columns": ["model", "stage", "top1", "stored_kb"]})
+    res = run_recipe(p, out=tmp_path / "run", quick=True, log=lambda s: None)
+    rows = {r["stage"]: r for r in res["rows"]}
+    assert rows["q"]["compression_ratio"] > 2.5
+    m = load_checkpoint(tmp_path / "run" / "q" / "seed0" / "model.safetensors")
+    assert m.zoo_compression[-1]["backend"] == "x86_pt2e"
+    _, val, _ = get_loaders("digits", (1, 32, 32), batch_size=64, quick=True)
+    rec = json.loads((tmp_path / "run" / "q" / "seed0" / "done.json").read_text())["metrics"]["top1"]
+    assert evaluate(m, val, torch.device("cpu"))["top1"] == pytest.approx(rec)
