@@ -223,9 +223,12 @@ def test_committed_tables_render_from_their_results() -> None:
         assert res["quick"] == js.name.endswith(".quick.results.json"), js
         md = js.with_name(js.name.replace(".results.json", ".md"))
         assert md.read_text() == render_markdown(res), md
-        recipe = load_recipe(js.with_name(js.name.split(".")[0] + ".yaml"))
-        assert [r["stage"] for r in res["rows"]] == [r.stage for r in recipe.rows]
-        assert res["seeds"] == (recipe.quick["seeds"] if res["quick"] else recipe.seeds)
+        # the raw YAML, not load_recipe: recipes on $ZOO_DATA files only validate where those files exist
+        raw = yaml.safe_load(js.with_name(js.name.split(".")[0] + ".yaml").read_text())
+        rows = [r if isinstance(r, str) else r["stage"] for r in raw["table"]["rows"]]
+        assert [r["stage"] for r in res["rows"]] == rows, js
+        seeds = raw.get("seeds", [raw.get("seed", 0)])
+        assert res["seeds"] == ((raw.get("quick") or {}).get("seeds", seeds[:1]) if res["quick"] else seeds), js
 
 
 @pytest.fixture(autouse=True)
