@@ -51,7 +51,7 @@ def weights_files() -> None:
     """Crafted and damaged weights files (see CORPUS.md)."""
     _weights("good.safetensors")  # the valid file the others are variants of (not itself in the corpus test)
     good = (HERE / "good.safetensors").read_bytes()
-    (HERE / "empty.safetensors").write_bytes(b"")
+    # empty.safetensors (zero bytes) is written by the test itself: see RUNTIME_CORPUS in tests/test_untrusted.py
     (HERE / "truncated.safetensors").write_bytes(good[: len(good) // 2])
     (HERE / "random.safetensors").write_bytes(random.Random(0).randbytes(512))
     (HERE / "pickle.safetensors").write_bytes(pickle.dumps({"w": [1.0, 2.0]}, protocol=4))
