@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.zoo-installed
+# zoo finds the shared datasets only through $ZOO_DATA; in this checkout layout they sit in ../shared/data
+ZOO_DATA ?= $(abspath ../shared/data)
+export ZOO_DATA
 
 .PHONY: install demo test tables bench clean
 
@@ -19,7 +22,7 @@ REAL_TABLES := recipes/mnist_han.md recipes/mnist_hinton.md recipes/cifar10_comp
 demo: $(STAMP)
 	$(VENV)/bin/zoo tables
 	@for t in $(REAL_TABLES); do echo; head -1 $$t; grep '^|' $$t; done
-	@# real-data quick check: re-measure the committed MNIST weights (skipped, with why, without ../shared/data)
+	@# real-data quick check: re-measure the committed MNIST weights (skipped, with why, without $$ZOO_DATA/mnist)
 	$(VENV)/bin/zoo weights verify --evaluate
 	$(VENV)/bin/zoo recipe check recipes/digits_kd.yaml --threads 1
 

@@ -43,20 +43,25 @@ def time_ms(fn: Callable[[], object]) -> float:
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                gap_s: float = 0.0) -> dict[str, float]:
-    """Median ms per variant, timing each variant once per repeat in a rotating order; `gap_s` pauses
-    (untimed) after every call, so a runtime's spinning thread pool cannot steal the next variant's cores."""
+                settle: int = 1) -> dict[str, float]:
+    """Median ms per variant, timing each variant once per repeat in a rotating order.
+
+    Before each timed call the same variant runs `settle` untimed calls back to back, so the timed call
+    sees its own runtime's warm thread pool, not the tail of the previous variant's (XNNPACK's workers
+    spin for a while after a call and slow a following eager call by ~10 % on 2 cores). No sleep between
+    calls: on this VM an idle pause of 20 ms made the next eager forwards ~50 % slower (vCPU wake-up).
+    """
     names = list(variants)
     for _ in range(warmup):
         for n in names:
             variants[n]()
-            time.sleep(gap_s)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
         for i in range(len(names)):
             n = names[(i + r) % len(names)]
+            for _ in range(settle):
+                variants[n]()
             times[n].append(time_ms(variants[n]))
-            time.sleep(gap_s)
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -66,7 +71,7 @@ def build(name: str, size: int) -> nn.Module:
     if "resolution" in zoo.model_args(name):
         kw["resolution"] = size
     m = zoo.create(name, **kw).eval()
-    m.default_input_size = (3, size, size)
+    m.spec.input_size = (3, size, size)
     return m
 
 

@@ -4,9 +4,10 @@ Backends, per model and batch size: zoo fp32 eager; zoo eager int8 (torch.ao, zo
 backend auto); torchao PT2E int8 (X86InductorQuantizer) compiled by inductor with freezing
 (zoo.compress.pt2e.compile_x86); ExecuTorch fp32 and int8 (XNNPACK delegate, zoo.export.to_executorch);
 ONNX Runtime fp32 and int8 QDQ (zoo.export.to_onnx). Each repeat times every backend once, in a
-rotating order, with an untimed pause between calls so spinning worker threads (pthreadpool, OpenMP)
-go idle before the next backend starts; ONNX Runtime's spinning is switched off
-(session.intra_op.allow_spinning = 0). Every runtime gets the same thread count. The table gives
+rotating order, right after one untimed call of the same backend (`--settle`), so each timed call runs
+on its own warm thread pool rather than in the spinning tail of the previous backend's (see
+bench_compress.interleaved; ExecuTorch exposes no switch for XNNPACK's spin-wait); ONNX Runtime's
+spinning is switched off (session.intra_op.allow_spinning = 0). Every runtime gets the same thread count. The table gives
 medians in ms, the speed-up over fp32 eager and the ratio to the fastest backend; torchvision's
 quantized MobileNet v2 (eager torch.ao, random weights) is an anchor row.
 
@@ -96,6 +97,7 @@ def anchor(size: int, batch: int) -> dict[str, Callable]:
     from torchvision.models.quantization import mobilenet_v2 as qmobilenet_v2
 
     x = torch.randn(batch, 3, size, size)
+    torch.backends.quantized.engine = "x86"  # zoo's eager int8 of the last family may have left fbgemm set
     fp = mobilenet_v2(weights=None).eval()
     q = qmobilenet_v2(weights=None, quantize=True).eval()
     return {"fp32 eager": lambda: fp(x), "eager int8": lambda: q(x)}
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--gap-ms", type=float, default=20.0, help="untimed pause between timed calls (default 20)")
+    ap.add_argument("--settle", type=int, default=1, help="untimed calls of a backend before each timed call (default 1)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.models:
                 t0 = time.time()
                 v, note = variants(name, args.size, batch, args.threads, Path(tmp))
-                med = interleaved(v, args.repeats, args.warmup, args.gap_ms / 1e3)
+                med = interleaved(v, args.repeats, args.warmup, args.settle)
                 rows.append(fmt_row(name, batch, med))
                 if batch == 1:
                     verdicts.append(verdict(name, med))
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                     notes.append(f"{name} (batch {batch}): {note}")
                 print(rows[-1], f"  [{time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
             if "mobilenet_v2" in args.models:
-                med = interleaved(anchor(args.size, batch), args.repeats, args.warmup, args.gap_ms / 1e3)
+                med = interleaved(anchor(args.size, batch), args.repeats, args.warmup, args.settle)
                 rows.append(fmt_row("torchvision mobilenet_v2 (anchor)", batch, med))
     head = ("| model | batch | " + " | ".join(BACKENDS) + " | best |\n|---|---|" + "---|" * len(BACKENDS) + "---|")
     cmd = "python benchmarks/bench_int8.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -14,7 +14,11 @@ import torch
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", str(Path(tempfile.gettempdir()) / "zoo-hypothesis"))
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = Path(os.environ.get("ZOO_MNIST", REPO.parent / "shared" / "data" / "mnist"))
+# zoo finds shared data only through $ZOO_DATA (or `zoo --data-root`); the test suite points it at the
+# checkout's neighbour ../shared/data unless it is set. Without those files the real-data tests skip, each
+# naming the folder it looked in and $ZOO_DATA. Subprocesses (DDP, train repro) inherit it.
+os.environ.setdefault("ZOO_DATA", str(REPO.parent / "shared" / "data"))
+MNIST_DIR = Path(os.environ.get("ZOO_MNIST") or Path(os.environ["ZOO_DATA"]) / "mnist")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two xdist workers on a two-core machine: one intra-op thread each avoids oversubscription.
@@ -25,7 +29,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def mnist_dir() -> Path:
     """The offline MNIST test split; tests that need it are skipped on machines without it."""
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"MNIST files not found in {MNIST_DIR} (set ZOO_MNIST to a folder with the IDX files)")
+        pytest.skip(f"MNIST files not found in {MNIST_DIR} (set ZOO_DATA to the shared data folder, or ZOO_MNIST "
+                    "to a folder with the IDX files)")
     return MNIST_DIR
 
 

@@ -65,7 +65,7 @@ def test_chenyaofo_params_and_macs(label: str) -> None:
     """Params and MACs at 32 px with 10 classes round to chenyaofo's README table (0.01 M)."""
     name, width, params_m, macs_m = CHENYAOFO[label]
     m = zoo.create(name, width=width, stem="cifar", num_classes=10)
-    assert m.default_input_size == (3, 32, 32)
+    assert m.spec.input_size == (3, 32, 32)
     assert round(count_params(m) / 1e6, 2) == params_m
     assert round(count_macs(m, (3, 32, 32)) / 1e6, 2) == macs_m
     assert round(zoo.profile(m, flops=False).macs / 1e6, 2) == macs_m
@@ -83,10 +83,10 @@ def test_chenyaofo_rows_in_zoo_tables() -> None:
 @pytest.mark.parametrize("name", STEM_MODELS)
 def test_cifar_stem_shapes_and_default_resolution(name: str) -> None:
     m = cifar(name)
-    assert m.default_input_size == (3, 32, 32) and m.zoo_kwargs["stem"] == "cifar"
+    assert m.spec.input_size == (3, 32, 32) and m.spec.kwargs["stem"] == "cifar"
     if "resolution" in model_args(name):
-        assert m.zoo_kwargs["resolution"] == 32
-        assert zoo.create(name, stem="cifar", resolution=64).default_input_size == (3, 64, 64)
+        assert m.spec.kwargs["resolution"] == 32
+        assert zoo.create(name, stem="cifar", resolution=64).spec.input_size == (3, 64, 64)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         side = CIFAR_FINAL_SIDE[name]
@@ -111,8 +111,8 @@ def test_imagenet_default_unchanged(name: str) -> None:
     params, macs = IMAGENET_DEFAULT[name]
     card = model_card(name)
     for m in (zoo.create(name), zoo.create(name, stem="imagenet")):
-        assert m.zoo_kwargs["stem"] == "imagenet" and m.default_input_size == (3, 224, 224)
-        assert count_params(m) == params and count_macs(m, m.default_input_size) == macs
+        assert m.spec.kwargs["stem"] == "imagenet" and m.spec.input_size == (3, 224, 224)
+        assert count_params(m) == params and count_macs(m, m.spec.input_size) == macs
     assert card.input_size({"stem": "imagenet"}) == (3, 224, 224)
 
 

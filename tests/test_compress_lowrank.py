@@ -25,7 +25,7 @@ def small(name: str, **kw) -> nn.Module:
         kw.setdefault("resolution", 32)
     m = zoo.create(name, num_classes=10, **kw).eval()
     if not zoo.model_card(name).fixed_resolution:
-        m.default_input_size = (m.in_chans, 32, 32)
+        m.spec.input_size = (m.in_chans, 32, 32)
     return m
 
 
@@ -37,10 +37,10 @@ def out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", MODELS)
 def test_low_rank_every_family(name, tmp_path):
     m = small(name)
-    size = m.default_input_size
+    size = m.spec.input_size
     x = torch.randn(2, *size)
     f = zc.low_rank(m, energy=0.6)
-    step = f.zoo_compression[-1]
+    step = f.spec.compression[-1]
     assert step["kind"] == "lowrank" and step["modules"], "nothing was factorised"
     before = {r.name: r.macs for r in layer_stats(m, size)}
     after = {r.name: r.macs for r in layer_stats(f, size)}
@@ -72,13 +72,13 @@ def test_exact_low_rank_weights_are_reproduced():
     net = nn.Sequential(conv3, conv1, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), lin).eval()
     x = torch.randn(2, 24, 32, 32)
     f = zc.low_rank(net, rank=6, example_inputs=x)
-    d = f.zoo_compression[-1]["modules"]
+    d = f.spec.compression[-1]["modules"]
     assert d == {"0": {"method": "tucker2", "ranks": [6, 6]}, "1": {"method": "svd", "ranks": [6]},
                  "4": {"method": "svd", "ranks": [6]}}
     ref, got = out(net, x), out(f, x)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     g = zc.low_rank(net, energy=0.999999, example_inputs=x)  # energy picks the true ranks
-    d = g.zoo_compression[-1]["modules"]
+    d = g.spec.compression[-1]["modules"]
     assert d["4"]["ranks"] == [3] and d["1"]["ranks"] == [4] and d["0"]["ranks"] == [5, 6]
     assert torch.allclose(out(g, x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
@@ -94,14 +94,14 @@ def test_rank_by_energy_is_the_smallest_sufficient():
 def test_layers_that_would_not_shrink_are_skipped():
     m = small("resnet20")
     f = zc.low_rank(m, rank=10_000)
-    step = f.zoo_compression[-1]
+    step = f.spec.compression[-1]
     assert step["modules"] == {} and len(step["skipped"]) == sum(
         isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in m.modules())
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(out(f, x), out(m, x))
     dw = small("mobilenet_v1", width=0.25)
     g = zc.low_rank(dw, energy=0.5)
-    done = g.zoo_compression[-1]["modules"]
+    done = g.spec.compression[-1]["modules"]
     assert done and all(getattr(dw.get_submodule(p), "groups", 1) == 1 for p in done)  # no depthwise conv
 
 
@@ -110,7 +110,7 @@ def test_factorised_then_pruned_order_and_int8(tmp_path):
     p = zc.prune(m, 0.3, "magnitude", "channel")
     f = zc.low_rank(p, energy=0.7)
     q = zc.quantize(f, "static", [torch.randn(4, 3, 32, 32)], observer="minmax")
-    assert [s["kind"] for s in q.zoo_compression] == ["channels", "lowrank", "int8"]
+    assert [s["kind"] for s in q.spec.compression] == ["channels", "lowrank", "int8"]
     x = torch.randn(2, 3, 32, 32)
     path = str(tmp_path / "plq.safetensors")
     zc.save(q, path)

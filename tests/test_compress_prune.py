@@ -20,7 +20,7 @@ from zoo.compress import criteria
 from zoo.compress.groups import build_groups
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
-from zoo.io import serialized_size
+from zoo.weights.checkpoint import model_spec, serialized_size
 from zoo.profile import count_macs, profile
 
 REPRESENTED = {"resnet34": "resnet18", "resnet101": "resnet50", "resnet152": "resnet50"}
@@ -34,7 +34,7 @@ def small(name: str, **kw) -> nn.Module:
         kw.setdefault("resolution", 32)
     m = zoo.create(name, num_classes=10, **kw).eval()
     if not zoo.model_card(name).fixed_resolution:
-        m.default_input_size = (m.in_chans, 32, 32)
+        m.spec.input_size = (m.in_chans, 32, 32)
     return m
 
 
@@ -71,18 +71,18 @@ def test_structured_half_every_family(name, tmp_path):
     """50% channels removed: an ordinary smaller model, MACs <= 0.35x (0.5x for the MLPs, whose 784 inputs
     stay), exact save/reload."""
     m = small(name)
-    x = torch.randn(2, *m.default_input_size)
+    x = torch.randn(2, *m.spec.input_size)
     p = zc.prune(m, 0.5, "magnitude", "channel", "global")
     assert not any(isinstance(mod, nn.Module) and torch.nn.utils.parametrize.is_parametrized(mod)
                    for mod in p.modules())
-    size = m.default_input_size
+    size = m.spec.input_size
     assert count_macs(p, size) <= (0.5 if name in ("mlp", "lenet_300_100") else 0.35) * count_macs(m, size)
     assert sum(t.numel() for t in p.parameters()) < 0.6 * sum(t.numel() for t in m.parameters())
     assert serialized_size(p) < 0.6 * serialized_size(m)
     assert outputs(p, x).shape == (2, 10)
     r = zc.load(_save(p, tmp_path))  # rebuilt through the registry from the spec
     assert torch.equal(outputs(p, x), outputs(r, x))
-    assert zoo.io.model_spec(r) == zoo.io.model_spec(p)
+    assert model_spec(r) == model_spec(p)
 
 
 def _save(m: nn.Module, tmp_path) -> str:
@@ -96,7 +96,7 @@ def test_structured_surgery_is_exact(name):
     """Zeroing exactly the channels a plan removes, then removing them, changes nothing: every
     dependency (residual adds, depthwise, grouped convs, shuffles, concats, flatten, classifier) holds."""
     m = randomize_bn(small(name))
-    x = torch.randn(2, *m.default_input_size)
+    x = torch.randn(2, *m.spec.input_size)
     groups = build_groups(m)
     live = [g for g in groups if not g.frozen]
     assert live
@@ -107,7 +107,7 @@ def test_structured_surgery_is_exact(name):
     apply_plan(pruned, groups, kept)
     a, b = outputs(ref, x), outputs(pruned, x)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
-    assert count_macs(pruned, m.default_input_size) < count_macs(m, m.default_input_size)
+    assert count_macs(pruned, m.spec.input_size) < count_macs(m, m.spec.input_size)
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -118,7 +118,7 @@ def test_structured_surgery_is_exact(name):
 ])
 def test_structured_variants_exact(name, kw):
     m = randomize_bn(small(name, **kw))
-    x = torch.randn(2, *m.default_input_size)
+    x = torch.randn(2, *m.spec.input_size)
     groups = build_groups(m)
     for amount, scope in ((0.3, "layer"), (0.6, "global")):
         kept = plan(groups, criteria.unit_scores(m, groups, "random", seed=7), amount, scope)
@@ -147,8 +147,8 @@ def test_shufflenet_stage_channels_are_pruned(name, kw):
     """Issue 12: the stage channels (concat shortcuts, channel split, shuffles, grouped convs) are pruned
     consistently, so 50% of the channels leave at most 0.35x of the MACs, exactly as the masked model."""
     m = randomize_bn(small(name, **kw))
-    x = torch.randn(2, *m.default_input_size)
-    size = m.default_input_size
+    x = torch.randn(2, *m.spec.input_size)
+    size = m.spec.input_size
     p = zc.prune(m, 0.5, "magnitude", "channel", "global")
     assert count_macs(p, size) <= 0.35 * count_macs(m, size)
     for unit0, unit1 in zip(m.stages.modules(), p.stages.modules()):
@@ -183,7 +183,7 @@ def test_residual_stage_shares_channels_and_classifier_follows():
 @pytest.mark.parametrize("name", MODELS)
 def test_unstructured_ninety_every_family(name, tmp_path):
     m = small(name)
-    x = torch.randn(2, *m.default_input_size)
+    x = torch.randn(2, *m.spec.input_size)
     p = zc.prune(m, 0.9, "magnitude", "weight", "global")
     layers = zc.prunable_layers(p)
     total = sum(mod.weight.numel() for _, mod in layers)
@@ -290,7 +290,7 @@ def test_every_criterion_ranks_a_planted_useless_channel_last(name, kw):
     """After zeroing one useful unit, every criterion scores it 0 and nothing else newly 0: it is pruned
     first (ties only with units the random net already had dead, which no criterion can tell apart)."""
     m = small(name, **kw)
-    data = _digits_batches(2, m.default_input_size, 8)
+    data = _digits_batches(2, m.spec.input_size, 8)
     alive(m, data)
     groups = build_groups(m)
     live = [g for g in groups if not g.frozen]
@@ -325,7 +325,7 @@ def test_every_criterion_ranks_a_planted_useless_channel_last(name, kw):
     if g.free:  # (grouped and shuffled layouts round the count to what the graph can realise)
         assert unit not in kept.tolist() and kept.numel() == g.size - zeros
     p = zc.prune(m, 0.05, "taylor", "channel", "layer", data=data)
-    assert count_macs(p, m.default_input_size) < count_macs(m, m.default_input_size)
+    assert count_macs(p, m.spec.input_size) < count_macs(m, m.spec.input_size)
 
 
 def test_weight_criteria_use_gradients():
@@ -336,7 +336,7 @@ def test_weight_criteria_use_gradients():
     with torch.no_grad():
         m.features[3].weight[:, 5] = 0  # unit 5 of layer 1 feeds nothing
         m.features[1].weight[5] = 1.0  # but its incoming weights are the largest of the layer
-    data = _digits_batches(2, m.default_input_size, 16)
+    data = _digits_batches(2, m.spec.input_size, 16)
     for crit, kw in (("taylor", {}), ("hessian", {})):
         p = zc.prune(m, 0.3, crit, "weight", "layer", data=data, protect=("last",), **kw)
         assert torch.all(p.features[1].weight[5] == 0), crit
@@ -346,7 +346,7 @@ def test_weight_criteria_use_gradients():
 
 def test_snip_prunes_at_init_on_one_batch():
     m = small("lenet5")
-    data = _digits_batches(3, m.default_input_size, 16)
+    data = _digits_batches(3, m.spec.input_size, 16)
     s = zc.snip(m, 0.7, data)
     t = zc.prune(m, 0.7, "taylor", "weight", "global", data=data[:1])
     layers = zc.prunable_layers(s)
@@ -372,7 +372,7 @@ def test_cubic_schedule_and_iterative_weight_pruning():
     assert sched == pytest.approx(expect) and sched[-1] == pytest.approx(0.9)
     assert all(a < b for a, b in zip(sched, sched[1:]))
     m = small("lenet5")
-    data = _digits_batches(1, m.default_input_size, 16)
+    data = _digits_batches(1, m.spec.input_size, 16)
     seen = []
 
     def fine_tune(model: nn.Module, step: int) -> None:

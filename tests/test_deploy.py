@@ -7,6 +7,7 @@ and, where the MNIST files exist, on the 10,000 MNIST test images with the commi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,7 @@ def test_mnist_int8_top1_within_half_a_point(mnist_dir: Path, tmp_path: Path):
     m = zoo.create("lenet5", weights=str(REPO / "weights" / "lenet5_mnist_pruned92.safetensors"))
     make_permanent(m)
     m.eval()
-    info = m.zoo_weights
-    tr, va, _ = zoo.data.get_loaders("mnist", (1, 28, 28), batch_size=500, mean=info["mean"], std=info["std"])
+    tr, va, _ = zoo.data.get_loaders("mnist", (1, 28, 28), batch_size=500, mean=m.spec.mean, std=m.spec.std)
     cal = [x[:64] for x, _ in zip(tr, range(8))]
     xs, ys = zip(*va)
     xv, yv = torch.cat(xs), torch.cat(ys)
@@ -158,3 +158,71 @@ def test_cli_executorch_and_onnx_int8(tmp_path: Path, capfd: pytest.CaptureFixtu
     text = capfd.readouterr().out
     assert "int8 top-1 agrees with pytorch fp32 on" in text and "256 held-out digits images" in text
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(q)).graph.node}
+
+
+def test_recommended_int8_paths_are_measured_families():
+    from zoo._registry import model_card
+    from zoo.deploy import INT8_PATHS, recommended_int8
+
+    families = {model_card(n).family for n in zoo.list_models()}
+    assert set(INT8_PATHS) <= families
+    assert recommended_int8("mobilenet_v2").export == "executorch"
+    assert recommended_int8(zoo.create("shufflenet_v1", groups=3)).runtime == "onnxruntime"
+    assert recommended_int8("resnet50") is INT8_PATHS["resnet"]
+    with pytest.raises(zoo.ZooError, match="'lenet' family .*has not been measured"):
+        recommended_int8("lenet5")
+    with pytest.raises(zoo.ZooError, match="'mobilenet_v9' is not a zoo model"):
+        recommended_int8("mobilenet_v9")
+
+
+def test_runtime_forward_runs_each_backend_on_its_runtime():
+    import zoo.compress as zc
+    from zoo.deploy import ExecutorchModule, runtime_forward
+
+    m, x, xv = _digits_lenet()
+    cal = [x[i:i + 32] for i in range(0, 128, 32)]
+    same, name = runtime_forward(m, xv[:4])
+    assert same is m and name == "eager"
+    for backend, cls, runtime in (("xnnpack", ExecutorchModule, "executorch (xnnpack)"),
+                                  ("x86_pt2e", None, "inductor (x86_pt2e)")):
+        q = zc.quantize(m, "static", cal, backend=backend)
+        fast, name = runtime_forward(q, xv[:64])
+        assert name == runtime
+        if cls is not None:
+            assert isinstance(fast, cls)
+        with torch.no_grad():
+            ref, out = q(xv[:64]), fast(xv[:64])
+        agree = float((out.argmax(1) == ref.argmax(1)).float().mean())
+        assert agree >= 0.95, f"{backend} on its runtime agrees with the int8 graph on {agree:.3f} of digits"
+        assert _rel(out, ref) < 0.5  # int8 kernels vs the reference graph: same network, some output quanta apart
+
+
+_DATA = Path(os.environ.get("ZOO_DATA", "/nonexistent"))
+_R20 = _DATA / "pretrained" / "cifar10_resnets_akamaster" / "resnet20.safetensors"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _R20.is_file() or not (_DATA / "cifar10" / "test.npz").is_file(),
+                    reason="needs $ZOO_DATA with the pretrained CIFAR ResNets and the CIFAR-10 JPEG q75 copy")
+def test_cifar10_int8_top1_within_half_a_point(tmp_path: Path):
+    """The imported ResNet-20 on the 10,000 CIFAR-10 (JPEG q75 copy) test images: ExecuTorch and ONNX
+    int8 top-1 within 0.5 points of eager fp32 (issue 13)."""
+    from zoo.weights import import_state_dict
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    out = import_state_dict(_R20, "resnet20", tmp_path / "r20.safetensors", classes="cifar10", mean=mean, std=std)
+    m = zoo.create("resnet20", weights=str(out)).eval()
+    tr, va, _ = zoo.data.get_loaders("cifar10", (3, 32, 32), batch_size=500, mean=mean, std=std)
+    cal = [x[:64] for x, _ in zip(tr, range(8))]
+    xs, ys = zip(*va)
+    xv, yv = torch.cat(xs), torch.cat(ys)
+    assert len(yv) == 10000
+    with torch.no_grad():
+        top_fp = float((m(xv).argmax(1) == yv).float().mean()) * 100
+    pte = load_executorch(to_executorch(m, tmp_path / "m.pte", int8=True, calibration=cal, batch=500))
+    top_pte = float((pte(xv).argmax(1) == yv).float().mean()) * 100
+    top_onnx = float((onnx_outputs(to_onnx(m, tmp_path / "m.onnx", int8=True, calibration=cal), xv).argmax(1)
+                      == yv).float().mean()) * 100
+    assert top_fp == pytest.approx(81.03, abs=0.05)
+    assert abs(top_pte - top_fp) <= 0.5, f"int8 .pte top-1 {top_pte:.2f} vs fp32 {top_fp:.2f}"
+    assert abs(top_onnx - top_fp) <= 0.5, f"int8 ONNX top-1 {top_onnx:.2f} vs fp32 {top_fp:.2f}"

@@ -14,7 +14,9 @@ import zoo.distill as zd
 from zoo.data import get_loaders
 from zoo.distill import FeatureHint, KDConfig, KDLoss, distill, load_teacher
 from zoo.errors import ZooError
-from zoo.io import load_tensors, save_model
+from zoo.io import load_tensors
+from zoo.spec import ModelSpec
+from zoo.weights import save_checkpoint
 from zoo.train import TrainConfig
 
 
@@ -88,7 +90,7 @@ class Net(nn.Module):
             nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.classifier = nn.Linear(2 * width, num_classes)
-        self.default_input_size = (1, 8, 8)
+        self.spec = ModelSpec(name=None, input_size=(1, 8, 8))  # not a zoo model; it declares its input
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -183,9 +185,9 @@ def test_distill_resume_with_hint_is_exact(tmp_path, monkeypatch):
 def test_load_teacher(tmp_path):
     torch.manual_seed(0)
     m = zoo.create("mlp", hidden=(16,), resolution=8, num_classes=10)
-    save_model(m, tmp_path / "t.safetensors")
+    save_checkpoint(m, tmp_path / "t.safetensors")
     t = load_teacher(tmp_path / "t.safetensors")
-    assert t.zoo_name == "mlp" and t.zoo_kwargs["hidden"] == (16,) and not t.training
+    assert t.spec.name == "mlp" and t.spec.kwargs["hidden"] == (16,) and not t.training
     assert all(not p.requires_grad for p in t.parameters())
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), t.state_dict().values()))
     t2 = load_teacher({"name": "mlp", "kwargs": {"hidden": (16,), "resolution": 8},

@@ -14,7 +14,7 @@ import torch.nn as nn
 import zoo
 from zoo.cli import main
 from zoo.export import example_input, load_torchscript, max_abs_diff, to_onnx, to_torchscript
-from zoo.io import model_spec
+from zoo.weights.checkpoint import model_spec
 from zoo.weights import register_checkpoint, save_checkpoint
 
 

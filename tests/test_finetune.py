@@ -229,6 +229,6 @@ def test_predict_errors(trained: Path, tmp_path: Path, capsys: pytest.CaptureFix
     code, _, err = cli(capsys, "predict", "--weights", str(trained / "model.safetensors"), str(tmp_path / "nope.png"))
     assert code == 2 and "nope.png" in err
     bare = tmp_path / "bare.safetensors"
-    zoo.io.save_model(zoo.create("mobilenet_v1", width=0.25, num_classes=3), bare)
+    zoo.weights.save_checkpoint(zoo.create("mobilenet_v1", width=0.25, num_classes=3), bare)
     code, _, err = cli(capsys, "predict", "--weights", str(bare), str(tmp_path / "nope.png"))
     assert code == 2 and "normalisation" in err

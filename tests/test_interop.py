@@ -45,11 +45,11 @@ def test_torchvision_outputs_match(tv_name: str):
     ref = _randomize(getattr(torchvision.models, tv_name)(num_classes=7))
     z = from_torchvision(ref)
     zoo_name, zoo_kwargs = TORCHVISION[tv_name]
-    assert z.zoo_name == zoo_name and z.zoo_kwargs["num_classes"] == 7
-    assert all(z.zoo_kwargs[k] == v for k, v in zoo_kwargs.items())
+    assert z.spec.name == zoo_name and z.spec.kwargs["num_classes"] == 7
+    assert all(z.spec.kwargs[k] == v for k, v in zoo_kwargs.items())
     x = torch.randn(1, 3, 32, 32)
     assert _diff(ref, z, x) <= 1e-5
-    assert z.zoo_weights == {"source": f"torchvision {tv_name}"}
+    assert z.spec.provenance == {"source": f"torchvision {tv_name}"}
 
 
 @pytest.mark.parametrize("tv_name", ["resnet18", "shufflenet_v2_x1_5", "squeezenet1_1"])
@@ -57,7 +57,7 @@ def test_torchvision_state_dict_is_recognised(tv_name: str):
     """A bare state dict: the architecture (and width) is found from the tensor shapes alone."""
     ref = _randomize(getattr(torchvision.models, tv_name)(num_classes=5))
     z = from_torchvision(ref.state_dict())
-    assert (z.zoo_name, z.zoo_kwargs.get("width")) == (TORCHVISION[tv_name][0],
+    assert (z.spec.name, z.spec.kwargs.get("width")) == (TORCHVISION[tv_name][0],
                                                        TORCHVISION[tv_name][1].get("width"))
     assert _diff(ref, z, torch.randn(1, 3, 32, 32)) <= 1e-5
 
@@ -66,7 +66,7 @@ def test_timm_mobilenetv1_maps_exactly_with_relu6():
     timm = pytest.importorskip("timm")
     ref = _randomize(timm.create_model("mobilenetv1_100", pretrained=False, num_classes=6))
     z = from_timm(ref)
-    assert z.zoo_name == "mobilenet_v1" and z.zoo_kwargs["act"] == "relu6" and z.zoo_kwargs["num_classes"] == 6
+    assert z.spec.name == "mobilenet_v1" and z.spec.kwargs["act"] == "relu6" and z.spec.kwargs["num_classes"] == 6
     ref_t, zoo_t = list(ref.state_dict().values()), list(z.state_dict().values())
     assert len(ref_t) == len(zoo_t) == 164 and all(torch.equal(a, b) for a, b in zip(ref_t, zoo_t))
     big = 40 * torch.randn(1, 3, 32, 32)  # large activations, where ReLU and ReLU6 would disagree
@@ -85,7 +85,7 @@ def test_activation_mismatch_is_reported():
             setattr(ref.get_submodule(parent), attr, nn.ReLU(inplace=True))
     with pytest.raises(zoo.ZooError, match=r"activations differ"):
         from_timm(ref)
-    assert from_timm(ref, check=False).zoo_kwargs["act"] == "relu6"
+    assert from_timm(ref, check=False).spec.kwargs["act"] == "relu6"
 
 
 @pytest.mark.parametrize("arch", ["mobilenetv2_100", "resnet18"])
@@ -93,7 +93,7 @@ def test_timm_outputs_match(arch: str):
     timm = pytest.importorskip("timm")
     ref = _randomize(timm.create_model(arch, pretrained=False, num_classes=4))
     z = from_timm(ref)
-    assert z.zoo_name == TIMM[arch][0]
+    assert z.spec.name == TIMM[arch][0]
     assert _diff(ref, z, torch.randn(1, 3, 32, 32)) <= 1e-5
     assert _diff(ref, from_timm(ref.state_dict(), name=arch), torch.randn(1, 3, 32, 32)) <= 1e-5
 
@@ -111,7 +111,7 @@ def test_output_check_catches_what_tensors_cannot():
     ref.maxpool = nn.AvgPool2d(3, 2, 1)  # no tensors, same activations: only the outputs can tell
     with pytest.raises(zoo.ZooError, match="does not reproduce torchvision resnet18: max |difference|"):
         from_torchvision(ref)
-    assert from_torchvision(ref, check=False).zoo_name == "resnet18"
+    assert from_torchvision(ref, check=False).spec.name == "resnet18"
 
 
 def test_bad_inputs():

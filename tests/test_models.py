@@ -136,4 +136,4 @@ def test_every_model_counted_at_its_default_size() -> None:
             continue
         model = zoo.create(name)
         assert count_params(model) == sum(p.numel() for p in model.parameters())
-        assert profile(model, flops=False).input_size == model.default_input_size
+        assert profile(model, flops=False).input_size == model.spec.input_size

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from zoo.io import serialized_size
+from zoo.weights.checkpoint import serialized_size
 from zoo.profile import Profile, count_macs, profile
 
 

@@ -171,7 +171,7 @@ def test_recipe_prune_stage_passes_round_to(tmp_path, monkeypatch):
         seen.update(kw)
         return model
 
-    monkeypatch.setattr("zoo.compress.prune", fake_prune)
+    monkeypatch.setattr(compress_stages, "prune", fake_prune)
     monkeypatch.setattr(compress_stages, "_metrics", lambda ctx, model, before, ft: {})
 
     class Ctx:

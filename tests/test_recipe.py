@@ -12,8 +12,7 @@ import pytest
 import yaml
 
 from zoo.cli import main
-from zoo.recipe import load_checkpoint, load_recipe, run_recipe
-from zoo.recipe.engine import check_recipe
+from zoo.recipe import check_recipe, load_checkpoint, load_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,7 @@ import torch
 import yaml
 
 from zoo.compress import prunable_layers
-from zoo.recipe import RecipeError, load_checkpoint, load_recipe, run_recipe
-from zoo.recipe.engine import check_recipe
+from zoo.recipe import RecipeError, check_recipe, load_checkpoint, load_recipe, run_recipe
 from zoo.recipe.report import render_markdown
 from zoo.train import evaluate
 

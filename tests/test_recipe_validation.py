@@ -250,7 +250,7 @@ def test_cifar_recipes_build_every_model(family: str) -> None:
     assert r.seeds and all(s.type == "train" for s in r.stages.values())
     for stage in r.stages.values():
         model = zoo.create(stage.model, **fill_kwargs(stage.model, stage.kwargs, r.dataset))
-        assert model.zoo_kwargs["num_classes"] == 10 and model.zoo_kwargs["in_chans"] == 3
+        assert model.spec.kwargs["num_classes"] == 10 and model.spec.kwargs["in_chans"] == 3
         assert stage.options["train"]["epochs"] >= 100  # the standard CIFAR schedules are long
     for row in r.rows:
         ref = row.reference

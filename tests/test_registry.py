@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
+import torch.nn as nn
 
 import zoo
 from zoo._registry import model_args, model_card, register_model, resolve_kwargs
@@ -24,6 +26,20 @@ def test_duplicate_registration_is_an_error() -> None:
     with pytest.raises(zoo.ZooError, match="already registered"):
         register_model(card)(lambda **kw: None)
     assert zoo.create("resnet18", num_classes=3).classifier.out_features == 3  # original entry intact
+
+
+def test_entry_points_declare_no_defaults() -> None:
+    """Defaults live once, in the Arg: an entry point with its own default (or a missing arg) is refused."""
+    card = replace(model_card("resnet18"), name="resnet18_with_defaults")
+
+    def entry(*, num_classes: int = 1000, in_chans: int, drop_rate: float) -> nn.Module:
+        return nn.Identity()
+
+    with pytest.raises(zoo.ZooError, match="keyword-only and without defaults"):
+        register_model(card)(entry)
+    with pytest.raises(zoo.ZooError, match="expected exactly the declared args drop_rate, in_chans, num_classes"):
+        register_model(card)(lambda *, num_classes, in_chans: nn.Identity())
+    assert "resnet18_with_defaults" not in zoo.list_models()
 
 
 def test_unknown_name_suggests_close_matches() -> None:
@@ -96,7 +112,7 @@ def test_card_is_consistent(name: str) -> None:
     for key, spec in args.items():  # defaults satisfy their own declared ranges
         assert spec.validate(name, key, spec.default) == spec.default
     model = zoo.create(name)
-    assert model.zoo_name == name and model.default_input_size == card.input_size(resolve_kwargs(name))
+    assert model.spec.name == name and model.spec.input_size == card.input_size(resolve_kwargs(name))
 
 
 def test_list_models_patterns_sorted() -> None:

@@ -43,7 +43,7 @@ def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
 def test_option_a_is_the_papers_network(name):
     a, b = zoo.create(name), zoo.create(name, shortcut="B")
-    assert a.zoo_kwargs["shortcut"] == "A" and count_params(a) == PAPER_PARAMS[name]
+    assert a.spec.kwargs["shortcut"] == "A" and count_params(a) == PAPER_PARAMS[name]
     shortcuts = [blk.downsample for blk in a.modules() if isinstance(blk, BasicBlock) and blk.downsample is not None]
     assert len(shortcuts) == 2 and all(isinstance(s, PadShortcut) for s in shortcuts)
     assert not any(True for s in shortcuts for _ in s.parameters()) and not any(True for s in shortcuts

@@ -33,7 +33,7 @@ def test_stem_channels_keeps_the_earlier_network():
     """recipes/digits_compress.yaml's ShuffleNet (g = 3, width 0.5, 10 classes, 1 channel): 242,266 params."""
     m = zoo.create("shufflenet_v1", groups=3, width=0.5, num_classes=10, in_chans=1, stem_channels=24)
     assert m.stem.conv.out_channels == 24 and count_params(m) == 242_266
-    assert m.zoo_kwargs["stem_channels"] == 24
+    assert m.spec.kwargs["stem_channels"] == 24
     small = zoo.create("shufflenet_v1", groups=3, width=0.5, num_classes=10, in_chans=1)
     assert count_params(small) < count_params(m)
 

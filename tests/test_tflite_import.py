@@ -102,7 +102,7 @@ def test_float_file_round_trip(tmp_path, name):
     m = tiny(name)
     out = import_tflite(write(tmp_path, Exporter(m, quantized=False).export()), tmp_path / "m.safetensors")
     z = zoo.create(name, weights=str(out)).eval()
-    assert z.zoo_kwargs == zoo.create(name, padding="same", **TINY[name]).zoo_kwargs
+    assert z.spec.kwargs == zoo.create(name, padding="same", **TINY[name]).spec.kwargs
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref, got = m(x), z(x)
@@ -284,7 +284,7 @@ def test_coral_file_agrees_with_interpreter(tmp_path, file, size, min_agreement)
 
 @needs_coral
 def test_coral_files_detected():
-    found = {f.name: tflite_to_model(f).zoo_kwargs for f in sorted(CORAL.glob("*.tflite"))}
+    found = {f.name: tflite_to_model(f).spec.kwargs for f in sorted(CORAL.glob("*.tflite"))}
     assert {k: (v["width"], v["resolution"], v.get("act")) for k, v in found.items()} == {
         "mobilenet_v1_0.25_128_quant.tflite": (0.25, 128, "relu6"),
         "mobilenet_v1_0.5_160_quant.tflite": (0.5, 160, "relu6"),

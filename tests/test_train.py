@@ -103,7 +103,7 @@ def test_lr_schedules():
 def test_fit_learns_digits_and_writes_checkpoints(tmp_path):
     torch.manual_seed(0)
     model = zoo.create("mlp", hidden=(64,), resolution=8, num_classes=10)
-    tr, va, info = get_loaders("digits", model.default_input_size, batch_size=64)
+    tr, va, info = get_loaders("digits", model.spec.input_size, batch_size=64)
     res = fit(model, tr, va, _cfg(epochs=3, batch_size=64), out_dir=tmp_path, meta={"classes": info.class_names})
     assert res.top1 >= 85.0 and res.best_top1 >= res.top1 - 1e-9 and len(res.history) == 3
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]

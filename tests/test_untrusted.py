@@ -25,7 +25,7 @@ from zoo.compress import load as compress_load
 from zoo.data import get_loaders
 from zoo.errors import ZooError
 from zoo.predict import evaluate_folder, load_classifier, predict
-from zoo.recipe.engine import check_recipe, load_checkpoint
+from zoo.recipe import check_recipe, load_checkpoint
 from zoo.recipe.schema import load_recipe
 from zoo.train import TrainConfig, fit
 from zoo.untrusted import check_tree, parse_json, short_repr
@@ -94,7 +94,7 @@ def test_corpus_is_complete():
 def test_good_corpus_file_loads_everywhere(loader):
     model = LOADERS[loader](CORPUS / "good.safetensors")
     model = model.model if hasattr(model, "model") else model
-    assert model.zoo_kwargs["hidden"] == (4,)
+    assert model.spec.kwargs["hidden"] == (4,)
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTS_CORPUS))

@@ -67,7 +67,7 @@ def _same_outputs(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def test_checkpoint_header_holds_spec_classes_and_normalisation(ckpt):
     p, m = ckpt
     c = read_checkpoint(p)
-    assert c.spec == {"name": "mobilenet_v1", "kwargs": m.zoo_kwargs}
+    assert c.spec == {"name": "mobilenet_v1", "kwargs": m.spec.kwargs}
     assert c.metadata == {"classes": CLASSES, "mean": [0.5] * 3, "std": [0.25] * 3}
     assert set(c.shapes) == set(m.state_dict())
 
@@ -79,7 +79,7 @@ def test_register_writes_index_entry_and_copies_file(registered, wdir: Path, ckp
     assert dest.read_bytes() == p.read_bytes()
     assert e.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
     assert (e.tag, e.architecture, e.file, e.size_bytes) == ("digits", "mobilenet_v1", p.name, p.stat().st_size)
-    assert e.kwargs == m.zoo_kwargs and e.metrics == {"top1": 0.9731} and e.compression is None
+    assert e.kwargs == m.spec.kwargs and e.metrics == {"top1": 0.9731} and e.compression is None
     assert e.classes == CLASSES and e.recipe == "recipes/digits_mobilenet.yaml" and e.dataset == "sklearn-digits"
     data = json.loads((wdir / "index.json").read_text())
     assert data["format"] == 1 and len(data["weights"]) == 1 and data["weights"][0]["sha256"] == e.sha256
@@ -101,11 +101,11 @@ def test_list_weights_and_weights_for(registered):
 def test_load_by_tag_checks_hash_and_restores_everything(registered):
     e, m = registered
     m2 = zoo.create("mobilenet_v1", width=0.25, weights="digits")
-    assert m2.zoo_kwargs == m.zoo_kwargs  # num_classes and resolution come from the checkpoint
+    assert m2.spec.kwargs == m.spec.kwargs  # num_classes and resolution come from the checkpoint
     assert _same_outputs(m, m2) == 0.0
-    info = m2.zoo_weights
-    assert info["tag"] == "digits" and info["sha256"] == e.sha256 and info["classes"] == CLASSES
-    assert info["mean"] == [0.5] * 3 and info["std"] == [0.25] * 3 and info["metrics"] == {"top1": 0.9731}
+    info = m2.spec.provenance
+    assert info["tag"] == "digits" and info["sha256"] == e.sha256 and m2.spec.classes == CLASSES
+    assert m2.spec.mean == [0.5] * 3 and m2.spec.std == [0.25] * 3 and info["metrics"] == {"top1": 0.9731}
     assert _same_outputs(m, zoo.create("mobilenet_v1", weights="digits")) == 0.0  # width from the index too
 
 
@@ -139,10 +139,10 @@ def test_compressed_checkpoints_rebuild_their_own_model(wdir: Path, tmp_path: Pa
         e = register_checkpoint(f, tag, "sklearn-digits", {"top1": 0.9}, "recipes/x.yaml")
         # the index keeps each step without its per-layer details; the file header keeps everything
         assert e.compression == [{k: v for k, v in s.items() if not isinstance(v, (dict, list))}
-                                 for s in m.zoo_compression]
+                                 for s in m.spec.compression]
         for w in (str(f), tag):
             r = zoo.create("mobilenet_v1", weights=w).eval()
-            assert r.zoo_compression == m.zoo_compression and r.zoo_weights["classes"] == CLASSES
+            assert r.spec.compression == m.spec.compression and r.spec.classes == CLASSES
             with torch.no_grad():
                 assert torch.equal(r(x), m(x))
     assert [s["kind"] for s in e.compression] == ["channels", "int8"] and e.compression[-1]["method"] == "static"
@@ -217,10 +217,10 @@ def test_num_classes_mismatch_and_reinit_head(registered, ckpt):
         with pytest.raises(zoo.ZooError, match="num_classes=5 differs from the 10 classes.*pass reinit_head=True"):
             zoo.create("mobilenet_v1", num_classes=5, weights=w)
         m5 = zoo.create("mobilenet_v1", num_classes=5, weights=w, reinit_head=True)
-        assert m5.classifier.weight.shape == (5, 256) and m5.zoo_kwargs["num_classes"] == 5
+        assert m5.classifier.weight.shape == (5, 256) and m5.spec.kwargs["num_classes"] == 5
         sd, ref = m5.state_dict(), m.state_dict()
         assert all(torch.equal(sd[k], ref[k]) for k in ref if not k.startswith("classifier."))
-        assert "classes" not in m5.zoo_weights and m5.zoo_weights["head_reinitialised"] is True
+        assert m5.spec.classes is None and m5.spec.provenance["head_reinitialised"] is True
     same = zoo.create("mobilenet_v1", weights="digits", reinit_head=True)  # same classes, fresh head
     assert same.classifier.weight.shape == (10, 256)
     assert not torch.equal(same.classifier.weight, m.classifier.weight)

@@ -93,9 +93,9 @@ def test_reference_resnet_imports_and_reproduces_its_outputs(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(m(x), ref(x), rtol=1e-5, atol=1e-6)
-    assert m.zoo_kwargs["shortcut"] == "A"
-    assert m.zoo_weights["mean"] == list(MEAN) and m.zoo_weights["std"] == list(STD)
-    assert m.zoo_weights["classes"][:2] == ["airplane", "automobile"] and len(m.zoo_weights["classes"]) == 10
+    assert m.spec.kwargs["shortcut"] == "A"
+    assert m.spec.mean == list(MEAN) and m.spec.std == list(STD)
+    assert m.spec.classes[:2] == ["airplane", "automobile"] and len(m.spec.classes) == 10
     ck = read_checkpoint(out)
     assert ck.metadata["imported_from"]["file"] == "foreign.safetensors"
 
@@ -160,7 +160,7 @@ def test_bad_options(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"class {i}" for i in range(10)) + "\n")
     m = zoo.create("resnet20", weights=str(import_state_dict(src, "resnet20", out, classes=names)))
-    assert m.zoo_weights["classes"][9] == "class 9" and "mean" not in m.zoo_weights
+    assert m.spec.classes[9] == "class 9" and m.spec.mean is None
 
 
 def test_cli_import(tmp_path, capsys):
@@ -169,7 +169,7 @@ def test_cli_import(tmp_path, capsys):
     code = main(["weights", "import", str(src), "--model", "resnet20", "--kw", "shortcut=A", "--out", str(out),
                  "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225", "--classes", "cifar10"])
     assert code == 0 and "shortcut='A'" in capsys.readouterr().out
-    assert zoo.create("resnet20", weights=str(out)).zoo_weights["std"] == list(STD)
+    assert zoo.create("resnet20", weights=str(out)).spec.std == list(STD)
     assert main(["weights", "import", str(src), "--model", "resnet32", "--out", str(tmp_path / "y.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("zoo: error: cannot import") and "does not fit zoo" in err and "Traceback" not in err

@@ -191,7 +191,7 @@ class Exporter:
         self.model, self.q, self.background = model.eval(), quantized, background
         self.b = Builder()
         self.shapes: dict[nn.Module, tuple[int, ...]] = {}
-        size = model.default_input_size[1]
+        size = model.spec.input_size[1]
         hooks = [m.register_forward_hook(lambda mod, i, o: self.shapes.__setitem__(mod, tuple(o.shape)))
                  for m in model.modules() if isinstance(m, ConvNormAct)]
         with torch.no_grad():

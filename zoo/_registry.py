@@ -2,7 +2,13 @@
 
 Modelled on the torchvision `models/_api.py` idea (a small registry that rejects duplicate names,
 fnmatch listing, metadata as data). Every entry point declares the keyword arguments it accepts
-with their types and ranges, so a bad value fails at `create` with one clear message.
+with their types and ranges, so a bad value fails at `create` with one clear message; the Arg holds
+the only default of each kwarg (entry points take every kwarg, keyword-only, without defaults).
+
+The registry only builds: `create` stamps a `zoo.spec.ModelSpec` on the model and nothing else.
+`create(name, weights=...)` is delegated to a loader that `zoo/__init__.py` installs at package init
+(`install_weights_loader(zoo.weights.create_pretrained)`), so the registry never imports the weights
+package above it: every import points down to the registry.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -18,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ZooError
+from zoo.spec import ModelSpec
 from zoo.untrusted import short_repr
 
 # Modules that define model families. They are imported explicitly (not via star-import side effects)
@@ -181,10 +189,25 @@ def register_model(card: ModelCard) -> Callable[[Callable[..., nn.Module]], Call
             args.setdefault(k, v)
         if args["num_classes"].max is None:  # a family's own num_classes default keeps the global bound
             args["num_classes"] = replace(args["num_classes"], max=MAX_NUM_CLASSES)
+        _check_signature(card.name, fn, args)
         _REGISTRY[card.name] = _Entry(fn=fn, card=card, all_args=args)
         return fn
 
     return wrap
+
+
+def _check_signature(name: str, fn: Callable[..., nn.Module], args: dict[str, Arg]) -> None:
+    """Refuse an entry point whose parameters are not exactly the declared args, keyword-only and without defaults.
+
+    Defaults are declared once, in each `Arg`; `create` always passes every kwarg, resolved.
+    """
+    params = inspect.signature(fn).parameters.values()
+    names = sorted(p.name for p in params)
+    loose = [p.name for p in params if p.kind is not p.KEYWORD_ONLY or p.default is not p.empty]
+    if names != sorted(args) or loose:
+        raise ZooError(f"register_model({name!r}): the entry point takes {', '.join(names) or 'nothing'}; expected "
+                       f"exactly the declared args {', '.join(sorted(args))}, keyword-only and without defaults "
+                       "(defaults live in the Arg)")
 
 
 def _ensure_loaded() -> None:
@@ -242,6 +265,22 @@ def resolve_kwargs(name: str, **kwargs: Any) -> dict[str, Any]:
     return out
 
 
+WeightsLoader = Callable[..., nn.Module]  # (name, weights, reinit_head=, allow_nonfinite=, **kwargs) -> model
+_weights_loader: WeightsLoader | None = None  # what `create(weights=...)` calls; see install_weights_loader
+
+
+def install_weights_loader(loader: WeightsLoader) -> None:
+    """Set the function `create(name, weights=...)` delegates to (zoo/__init__.py installs zoo.weights').
+
+    The registry only builds models: pretrained loading lives above it (zoo.weights), and is passed in
+    here at package init instead of being imported, so that every import points down to the registry.
+    """
+    if not callable(loader):
+        raise ZooError(f"install_weights_loader: loader={short_repr(loader)} is not allowed; expected a function")
+    global _weights_loader
+    _weights_loader = loader
+
+
 def create(name: str, weights: Any = None, reinit_head: bool = False, allow_nonfinite: bool = False,
            **kwargs: Any) -> nn.Module:
     """Build a registered model by name, validating every kwarg first; `weights` is a tag or a .safetensors path.
@@ -252,15 +291,15 @@ def create(name: str, weights: Any = None, reinit_head: bool = False, allow_nonf
         for key, val in (("reinit_head", reinit_head), ("allow_nonfinite", allow_nonfinite)):
             if weights is None and val is not False:
                 raise ZooError(f"{name}: {key}={short_repr(val)} needs weights= (a tag or a .safetensors path)")
-        from zoo.weights.loading import create_pretrained  # loads, checks hash/shapes (zoo/weights/)
-
-        return create_pretrained(name, weights, reinit_head=reinit_head, allow_nonfinite=allow_nonfinite, **kwargs)
+        if _weights_loader is None:
+            raise ZooError(f"{name}: weights={short_repr(weights)} needs a weights loader, and none is "
+                           "installed; `import zoo` installs zoo.weights.create_pretrained")
+        return _weights_loader(name, weights, reinit_head=reinit_head, allow_nonfinite=allow_nonfinite,
+                               **kwargs)
     entry = _entry(name)
     resolved = resolve_kwargs(name, **kwargs)
     model = entry.fn(**resolved)
-    model.zoo_name = name
-    model.zoo_kwargs = dict(resolved)
-    model.default_input_size = entry.card.input_size(resolved)
+    model.spec = ModelSpec(name=name, kwargs=dict(resolved), input_size=entry.card.input_size(resolved))
     return model
 
 
@@ -270,7 +309,7 @@ def meta_model(name: str, **kwargs: Any) -> nn.Module:
     resolved = resolve_kwargs(name, **kwargs)
     with torch.device("meta"):
         model = entry.fn(**resolved)
-    model.zoo_name, model.zoo_kwargs = name, dict(resolved)
+    model.spec = ModelSpec(name=name, kwargs=dict(resolved), input_size=entry.card.input_size(resolved))
     return model
 
 

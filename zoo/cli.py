@@ -190,9 +190,21 @@ def _add_core_commands(sub: Any) -> None:
     p.set_defaults(func=_cmd_info)
 
 
+def set_data_root(folder: str | None) -> None:
+    """`zoo --data-root DIR`: check that DIR is a folder and export it as $ZOO_DATA (None: leave $ZOO_DATA)."""
+    if folder is None:
+        return
+    if not os.path.isdir(folder):
+        raise ZooError(f"--data-root {folder!r} is not a folder; expected the folder holding the shared datasets")
+    os.environ["ZOO_DATA"] = os.path.abspath(folder)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full `zoo` parser: core commands plus those of every module in COMMAND_MODULES."""
     parser = _Parser(prog="zoo", description="Lightweight CNN model zoo: profile, check, train, compress.")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder holding the shared datasets (mnist/, cifar10/, pretrained/, ...); sets $ZOO_DATA "
+                             "for this run (default: $ZOO_DATA)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     _add_core_commands(sub)
     for mod in COMMAND_MODULES:
@@ -207,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
+        set_data_root(args.data_root)
         return int(args.func(args) or 0)
     except ZooError as e:
         print(f"zoo: error: {' '.join(str(e).split())}", file=sys.stderr)

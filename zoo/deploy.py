@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from zoo._registry import list_models, model_card
 from zoo.compress import pt2e
-from zoo.compress._common import batches
+from zoo.compress._common import batches, steps
 from zoo.errors import ZooError
+from zoo.untrusted import short_repr
+from zoo.spec import model_name
 
 INSTALL_HINT = pt2e.INSTALL_HINT
 CALIBRATION_BATCHES = 8  # default number of calibration batches taken from an iterable
@@ -78,8 +82,7 @@ def executorch_lowered(model: nn.Module, example: torch.Tensor, int8: bool = Fal
     except ZooError:
         raise
     except Exception as e:
-        name = getattr(model, "zoo_name", type(model).__name__)
-        raise ZooError(f"to_executorch: lowering {name} failed: {type(e).__name__}: "
+        raise ZooError(f"to_executorch: lowering {model_name(model)} failed: {type(e).__name__}: "
                        f"{str(e).strip().splitlines()[0][:240] if str(e).strip() else ''}") from None
     finally:
         model.train(was)
@@ -132,6 +135,7 @@ class ExecutorchModule:
             raise ZooError(f"load_executorch: {os.fspath(path)!r} is not a loadable ExecuTorch program: "
                            f"{type(e).__name__}") from None
         self.path = Path(path)
+        self.folder: tempfile.TemporaryDirectory | None = None  # set when the file is a temporary copy
         self.input_shape: tuple[int, ...] = tuple(int(v) for v in meta.input_tensor_meta(0).sizes())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,3 +207,61 @@ def ort_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Int8Path:
+    """zoo's recommended int8 deployment of one model family, chosen by measurement (benchmarks/int8.md)."""
+
+    runtime: str  # 'executorch' (.pte, XNNPACK delegate), 'onnxruntime' (QDQ .onnx) or 'eager' (torch.ao module)
+    export: str | None  # the `zoo export --format` that produces it; None: zoo.compress.quantize in Python
+    speedup: float  # measured at batch 1, 224 px, 2 threads, over zoo's fp32 eager forward
+    why: str  # the measurement behind the choice (median ms at batch 1)
+
+
+# From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved; benchmarks/int8.md).
+INT8_PATHS: dict[str, Int8Path] = {
+    "mobilenet_v1": Int8Path("onnxruntime", "onnx", 5.5, "ORT int8 3.6 ms; ExecuTorch int8 4.2; PT2E x86 6.0; "
+                             "eager int8 6.2; fp32 eager 19.9"),
+    "mobilenet_v2": Int8Path("executorch", "executorch", 5.9, "ExecuTorch int8 3.0 ms; ORT int8 3.4; PT2E x86 "
+                             "6.6; eager int8 7.7; fp32 eager 18.0"),
+    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 4.2, "ORT int8 5.0 ms; ExecuTorch int8 18.0 (its three "
+                              "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 22.2, no faster than "
+                              "fp32 eager 21.2; PT2E x86 fails in inductor on the grouped convs"),
+    "shufflenet_v2": Int8Path("executorch", "executorch", 7.6, "ExecuTorch int8 3.2 ms; ORT int8 4.5; PT2E x86 "
+                              "10.1; eager int8 29.4, slower than fp32 eager 24.4"),
+    "squeezenet": Int8Path("executorch", "executorch", 8.8, "ExecuTorch int8 2.6 ms; ORT int8 3.2; PT2E x86 6.0; "
+                           "eager int8 6.4; fp32 eager 22.6"),
+    "resnet": Int8Path("eager", None, 5.2, "eager int8 7.9 ms, PT2E x86 8.0 and ORT int8 8.0 tie at batch 1 "
+                       "(resnet18; fp32 eager 41.3); eager needs no compile or export step"),
+}
+
+
+def recommended_int8(model: nn.Module | str) -> Int8Path:
+    """The measured fastest int8 deployment for a zoo model (or model name); ZooError for unmeasured families."""
+    name = model if isinstance(model, str) else model_name(model)
+    if name not in list_models():
+        raise ZooError(f"recommended_int8: {short_repr(name)} is not a zoo model; allowed: {', '.join(list_models())}")
+    family = model_card(name).family
+    if family not in INT8_PATHS:
+        raise ZooError(f"recommended_int8: the {family!r} family ({name}) has not been measured; measured "
+                       f"families: {', '.join(INT8_PATHS)} (benchmarks/bench_int8.py --models {name})")
+    return INT8_PATHS[family]
+
+
+def runtime_forward(model: nn.Module, example: torch.Tensor) -> tuple[Any, str]:
+    """(a tensor -> tensor callable, runtime name) that runs `model` where its int8 backend is fast: an
+    'xnnpack' graph lowered to an ExecuTorch program, an 'x86_pt2e' graph compiled by inductor with
+    freezing, anything else as the eager module."""
+    backend = next((s.get("backend") for s in reversed(steps(model)) if s.get("kind") == "int8"), None)
+    if backend == "x86_pt2e":
+        return pt2e.compile_x86(model, example), "inductor (x86_pt2e)"
+    if backend != "xnnpack":
+        return model, "eager"
+    data, _ = executorch_lowered(model, example)
+    folder = tempfile.TemporaryDirectory()  # the runtime reads the program from a file: kept while it lives
+    path = Path(folder.name) / "model.pte"
+    path.write_bytes(data)
+    program = load_executorch(path)
+    program.folder = folder
+    return program, "executorch (xnnpack)"

@@ -22,7 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from zoo._registry import create
 from zoo.errors import ZooError
+from zoo.spec import input_size as input_size_of, spec_of
+from zoo.weights.checkpoint import load_checkpoint, model_spec
 from zoo.train import TrainConfig, TrainResult, config_from_dict, fit, init_distributed, resolve_device
 
 
@@ -90,11 +93,12 @@ class FeatureHint(nn.Module):
         t_mod = _module(teacher, teacher_layer, "teacher")
         self._feats: dict[str, Tensor] = {}
         self._handles = [s_mod.register_forward_hook(self._hook("s")), t_mod.register_forward_hook(self._hook("t"))]
-        size = input_size or getattr(student, "default_input_size", None)
-        if size is None:
+        try:
+            size = input_size_of(student, input_size, what="FeatureHint: input_size")
+        except ZooError:
             self.remove()
-            raise ZooError("FeatureHint: pass input_size=(C, H, W); the student has no default_input_size")
-        s_shape, t_shape = self._probe(student, teacher, tuple(size))
+            raise
+        s_shape, t_shape = self._probe(student, teacher, size)
         for who, layer, shape in (("student", student_layer, s_shape), ("teacher", teacher_layer, t_shape)):
             if len(shape) != 4:
                 self.remove()
@@ -175,22 +179,13 @@ def load_teacher(spec_or_path: str | os.PathLike | Mapping[str, Any] | nn.Module
     if isinstance(spec_or_path, nn.Module):
         model = spec_or_path
     elif isinstance(spec_or_path, (str, os.PathLike)):
-        from zoo.weights.checkpoint import read_checkpoint
-        from zoo.weights.loading import build_from_checkpoint
-
-        ckpt = read_checkpoint(spec_or_path)
-        if ckpt.spec is None:
-            raise ZooError(f"teacher file {str(spec_or_path)!r} has no zoo.spec header, so its architecture is "
-                           "unknown; save it with zoo.io.save_model or pass the model itself")
-        model = build_from_checkpoint(ckpt)
+        model = load_checkpoint(spec_or_path)
     elif isinstance(spec_or_path, Mapping):
         spec = dict(spec_or_path)
-        if not isinstance(spec.get("name"), str) or "weights" not in spec:
+        if not isinstance(spec.get("name"), str) or spec.get("weights") is None:
             raise ZooError(f"teacher spec {spec!r} needs 'name', optional 'kwargs' and 'weights' (a .safetensors "
                            "file); a teacher without trained weights is useless")
-        from zoo.weights.loading import create_pretrained
-
-        model = create_pretrained(spec["name"], spec["weights"], **dict(spec.get("kwargs") or {}))
+        model = create(spec["name"], weights=spec["weights"], **dict(spec.get("kwargs") or {}))
     else:
         raise ZooError(f"teacher must be a path, a spec mapping or an nn.Module, got {type(spec_or_path).__name__}")
     return freeze(model)
@@ -228,8 +223,9 @@ def distill(student: nn.Module, teacher: nn.Module, train_loader: DataLoader, va
         raise ZooError(f"distill: kd must be a KDConfig, got {type(kd).__name__}")
     if not isinstance(teacher, nn.Module) or teacher is student:
         raise ZooError("distill: the teacher must be an nn.Module other than the student")
-    s_cls = getattr(student, "zoo_kwargs", {}).get("num_classes")
-    t_cls = getattr(teacher, "zoo_kwargs", {}).get("num_classes")
+    s_spec, t_spec = spec_of(student), spec_of(teacher)
+    s_cls = s_spec.kwargs.get("num_classes") if s_spec is not None else None
+    t_cls = t_spec.kwargs.get("num_classes") if t_spec is not None else None
     if s_cls is not None and t_cls is not None and s_cls != t_cls:
         raise ZooError(f"distill: the student has {s_cls} classes but the teacher {t_cls}; they must match")
     _, _, local = init_distributed(cfg.device)
@@ -240,9 +236,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_loader: DataLoader, va
     if kd.hint_student_layer is not None:
         hint = FeatureHint(student, teacher, kd.hint_student_layer, kd.hint_teacher_layer, kd.hint_weight).to(device)
     info = {"kd": dataclasses.asdict(kd)}
-    if hasattr(teacher, "zoo_name"):
-        from zoo.io import model_spec
-
+    if t_spec is not None and t_spec.name is not None:
         info["teacher"] = model_spec(teacher)
     try:
         return fit(student, train_loader, val_loader, cfg, out_dir=out_dir, resume=resume,

@@ -34,8 +34,13 @@ import torch
 import torch.nn as nn
 
 from zoo import deploy
+from zoo._registry import create
+from zoo.data import DATASETS, get_loaders
 from zoo.deploy import ExecutorchModule, load_executorch
 from zoo.errors import ZooError
+from zoo.spec import input_size as resolve_input_size, model_name, spec_of
+from zoo.weights.checkpoint import load_checkpoint, model_spec
+from zoo.weights.index import list_weights
 
 FORMATS = ("onnx", "torchscript", "executorch")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt", "executorch": ".pte"}
@@ -48,22 +53,7 @@ def input_shape(model: nn.Module, input_size: int | Sequence[int] | None = None,
     """(N, C, H, W) for an export: `input_size` as side or (C, H, W), else the model's default input size."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ZooError(f"batch={batch!r} is not allowed; expected an int >= 1")
-    c = getattr(model, "in_chans", 3)
-    if input_size is None:
-        size = tuple(getattr(model, "default_input_size", (c, 224, 224)))
-    elif isinstance(input_size, int) and not isinstance(input_size, bool):
-        size = (c, input_size, input_size)
-    else:
-        size = tuple(input_size)
-    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise ZooError(f"input_size={input_size!r} is not allowed; expected a side (int) or (C, H, W) positive ints")
-    fixed = getattr(model, "fixed_input_size", None)
-    if fixed is not None and size[1:] != (fixed, fixed):
-        raise ZooError(f"input_size={input_size!r} is not allowed; this model needs exactly {fixed}x{fixed} inputs")
-    smallest = getattr(model, "min_input_size", 1)
-    if min(size[1:]) < smallest:
-        raise ZooError(f"input_size={input_size!r} is not allowed; this model needs sides >= {smallest}")
-    return (batch, *size)
+    return (batch, *resolve_input_size(model, input_size))
 
 
 def example_input(model: nn.Module, input_size: int | Sequence[int] | None = None, batch: int = 1,
@@ -112,14 +102,17 @@ def _silence_fds() -> Iterator[None]:
 
 def _metadata(model: nn.Module) -> dict[str, str]:
     meta: dict[str, str] = {}
-    if hasattr(model, "zoo_name"):
-        from zoo.io import model_spec
-
+    spec = spec_of(model)
+    if spec is None:
+        return meta
+    if spec.name is not None:
         meta["zoo.spec"] = json.dumps(model_spec(model))
-    info = getattr(model, "zoo_weights", None) or {}
-    for key in ("classes", "mean", "std", "tag", "sha256", "source"):
-        if key in info:
-            meta[f"zoo.{key}"] = json.dumps(info[key])
+    for key, value in (("classes", spec.classes), ("mean", spec.mean), ("std", spec.std)):
+        if value is not None:
+            meta[f"zoo.{key}"] = json.dumps(value)
+    for key in ("tag", "sha256", "source"):
+        if key in spec.provenance:
+            meta[f"zoo.{key}"] = json.dumps(spec.provenance[key])
     return meta
 
 
@@ -159,8 +152,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Sequenc
             torch.onnx.export(model, (x,), os.fspath(p), dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         except Exception as e:  # the exporter's own errors (unsupported op ...) become one message
-            what = getattr(model, "zoo_name", type(model).__name__)
-            raise ZooError(f"to_onnx: PyTorch's ONNX exporter failed for {what}: {_first_line(e)}") from None
+            raise ZooError(f"to_onnx: PyTorch's ONNX exporter failed for {model_name(model)}: "
+                           f"{_first_line(e)}") from None
     proto = onnx.load(os.fspath(p))
     for k, v in _metadata(model).items():
         entry = proto.metadata_props.add()
@@ -262,10 +255,6 @@ def export(model: nn.Module, fmt: str, out: str | os.PathLike, input_size: int |
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from zoo._registry import create
-    from zoo.weights import read_checkpoint
-    from zoo.weights.index import list_weights
-
     name, weights = args.name, args.weights
     if name is None and weights is None:
         raise ZooError("zoo export needs a model NAME, --weights (a tag or a .safetensors file), or both")
@@ -278,14 +267,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         name = hits[0].architecture
         model = create(name, weights=weights, **hits[0].kwargs)
     elif name is None:
-        ckpt = read_checkpoint(weights)
-        if ckpt.spec is None:
-            raise ZooError(f"{weights!r} has no zoo.spec header; give the model NAME too")
-        model = create(ckpt.spec["name"], weights=weights)
+        model = load_checkpoint(weights)
     else:
         model = create(name, weights=weights) if weights is not None else create(name)
     stem = Path(weights).stem if weights is not None and os.path.isfile(weights) else (
-        f"{model.zoo_name}-{weights}" if weights is not None else model.zoo_name)
+        f"{model.spec.name}-{weights}" if weights is not None else model.spec.name)
     out = Path(args.out) if args.out else Path(stem + ("-int8" if args.int8 else "") + SUFFIX[args.format])
     if args.calibration is not None and not args.int8:
         raise ZooError("--calibration is only used with --int8")
@@ -310,8 +296,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _calibration_sets() -> list[str]:
-    from zoo.data import DATASETS
-
+    """Datasets `--calibration` accepts (every built-in one but imagefolder)."""
     return [n for n in DATASETS if n != "imagefolder"]
 
 
@@ -319,15 +304,13 @@ def _calibration_data(model: nn.Module, name: str, input_size: int | None, n_bat
                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """`n_batches` training batches of dataset `name` and up to 256 held-out images, normalised as the
     weights were (their mean / std), at the export input size."""
-    from zoo.data import get_loaders
-
     if name not in _calibration_sets():
         raise ZooError(f"--calibration {name!r} is not allowed; allowed: " + ", ".join(_calibration_sets()))
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ZooError(f"--calibration-batches {n_batches!r} is not allowed; expected an int >= 1")
     size = input_shape(model, input_size)[1:]
-    info = getattr(model, "zoo_weights", None) or {}
-    norm = {"mean": info["mean"], "std": info["std"]} if "mean" in info and "std" in info else {}
+    spec = spec_of(model)
+    norm = {"mean": spec.mean, "std": spec.std} if spec is not None and spec.mean and spec.std else {}
     train, val, _ = get_loaders(name, size, batch_size=32, **norm)
     cal = []
     for x, _ in train:

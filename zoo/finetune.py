@@ -1,6 +1,7 @@
 """Fine-tuning a zoo model on your own image folder (transfer learning with a new classifier head, as in
 Yosinski et al. 2014, "How transferable are features in deep neural networks?"), optionally followed
-by compression steps (structured pruning + recovery fine-tune, int8 quantization).
+by compression steps (structured pruning + recovery fine-tune, int8 quantization): `--then` compiles
+into zoo.recipe `prune` / `quantize` stages, checked by the recipe validators and run by the recipe runners.
 
     zoo finetune --model mobilenet_v1 --width 0.5 --data path/to/folder --epochs 5 --out runs/ft \
         [--weights TAG|PATH] [--freeze-backbone] [--then prune=0.5,quantize=static]
@@ -22,29 +23,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
+from zoo._registry import create, model_args, model_card
+from zoo.cli import MODEL_FLAGS, model_kwargs_from_args
+from zoo.data import get_loaders, scan_imagefolder
+from zoo.data.imagefolder import verify_imagefolder
 from zoo.errors import ZooError
 from zoo.io import make_out_dir
+from zoo.profile import count_params
+from zoo.recipe import STAGE_TYPES, RecipeError, StageContext, StageSpec
+from zoo.recipe.checks import Checker, train_config
+from zoo.recipe.registry import Loaders
+from zoo.recipe.schema import chain_stages
+from zoo.recipe.stages import frozen_backbone
+from zoo.spec import input_size as resolve_input_size
+from zoo.train import TrainConfig, evaluate, fit
 from zoo.untrusted import short_repr
+from zoo.weights.checkpoint import save_checkpoint, serialized_size
 
 DEFAULT_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LR = 0.05  # from scratch; with --weights the default is PRETRAINED_LR
 PRETRAINED_LR = 0.01
 PRUNE_LR_FACTOR = 0.2  # recovery fine-tune after pruning runs at this fraction of the learning rate
-CALIBRATION_BATCHES = 8  # training batches used to calibrate static quantization
-QUANT_METHODS = ("static", "dynamic")
+# --then quantizes last, with no fine-tune after it: the post-training int8 methods of zoo.compress.METHODS
+THEN_METHODS = ("static", "dynamic")
 THEN_STEPS: dict[str, str] = {
     "prune": "prune=<fraction of channels to remove, 0 < x < 1> (structured, magnitude; then a short fine-tune)",
-    "quantize": "quantize=<" + "|".join(QUANT_METHODS) + "> (int8; static calibrates on training batches; last step)",
+    "quantize": "quantize=<" + "|".join(THEN_METHODS) + "> (int8; static calibrates on training batches; last step)",
 }
+THEN_SOURCE = "finetune"  # the stage name of the fine-tuned model the --then stages start from
 RESERVED_KWARGS = {"num_classes": "it is set from the number of class folders"}
 
 
@@ -98,6 +112,7 @@ def parse_then(then: str | Sequence[Any] | None) -> list[ThenStep]:
     else:
         raise ZooError(f"then={short_repr(then)} is not allowed; expected a string like 'prune=0.5,quantize=static'")
     steps: list[ThenStep] = []
+    written: list[str] = []  # each step as the user wrote it, for error messages
     for item in items:
         if isinstance(item, ThenStep):
             name, raw = item.name, item.value
@@ -113,80 +128,74 @@ def parse_then(then: str | Sequence[Any] | None) -> list[ThenStep]:
             raise ZooError(f"--then step {short_repr(item)} is not allowed; allowed steps: {_allowed_steps()}")
         if not isinstance(name, str) or name not in THEN_STEPS:
             raise ZooError(f"--then step {short_repr(name)} is not allowed; allowed steps: {_allowed_steps()}")
-        if name == "prune":
-            try:
-                amount = float(raw)
-            except (TypeError, ValueError):
-                amount = float("nan")
-            if isinstance(raw, bool) or not 0 < amount < 1:
-                raise ZooError(f"--then prune={short_repr(raw)} is not allowed; expected a fraction 0 < x < 1, "
-                               "e.g. prune=0.5")
-            steps.append(ThenStep("prune", amount))
-        else:
-            if raw not in QUANT_METHODS:
-                raise ZooError(f"--then quantize={short_repr(raw)} is not allowed; allowed: {', '.join(QUANT_METHODS)}")
-            steps.append(ThenStep("quantize", raw))
+        steps.append(ThenStep(name, _then_value(name, raw)))
+        written.append(f"{name}={short_repr(raw)}")
     q = [i for i, s in enumerate(steps) if s.name == "quantize"]
     if len(q) > 1 or (q and q[0] != len(steps) - 1):
         raise ZooError(f"--then {','.join(map(str, steps))}: quantize must be the last step and appear once "
                        "(an int8 model cannot be pruned or trained further)")
+    # the values, through the recipe validators (the stages' checks do not depend on the model, unknown here)
+    then_specs(steps, StageSpec(THEN_SOURCE, "train", "", {}, None, 0, {}, ()), None, DEFAULT_BATCH_SIZE, written)
     return steps
 
 
-# ---------------------------------------------------------------------------------------------- freezing
+def _then_value(name: str, raw: Any) -> Any:
+    """The value of one step as the stage takes it: a number for prune, a method name for quantize."""
+    if name == "quantize":
+        if raw not in THEN_METHODS:
+            raise ZooError(f"--then quantize={short_repr(raw)} is not allowed; allowed: {', '.join(THEN_METHODS)}")
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        raise ZooError(f"--then prune={short_repr(raw)} is not allowed; expected a number, e.g. prune=0.5")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ZooError(f"--then prune={short_repr(raw)} is not allowed; expected a number, e.g. prune=0.5") from None
 
-def _backbone_norms(model: nn.Module) -> list[nn.Module]:
-    head = set(model.get_classifier().modules())
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head]
+
+class _ThenChecker(Checker):
+    """Recipe-validator errors about --then stages, named by the step as written (e.g. `--then prune='1.5'`)."""
+
+    def __init__(self, written: dict[str, str]) -> None:
+        super().__init__("--then")
+        self.written = written
+
+    def fail(self, path: str, msg: str) -> RecipeError:
+        """The error of a --then step's stage: `--then <step as written>: <problem>`."""
+        parts = path.split(".")
+        step = self.written.get(parts[1], path) if len(parts) > 1 and parts[0] == "stages" else path
+        return RecipeError(f"--then {step}: {msg}")
 
 
-def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
-    nn.Module.train(self, mode)
-    for m in _backbone_norms(self):
-        m.eval()  # frozen backbone: BatchNorm keeps its running statistics
-    return self
+def then_stages(steps: Sequence[ThenStep], recovery: dict[str, Any] | None, batch_size: int) -> dict[str, dict]:
+    """The recipe stages (name -> stage as a recipe would write it, without `from`) of `--then` steps:
+    prune=x is a structured magnitude prune stage with `recovery` as its finetune block (None: none), and
+    quantize=m a quantize stage calibrating (static) and evaluating on batches of `batch_size` images."""
+    out: dict[str, dict] = {}
+    for s in steps:
+        name = s.name if s.name not in out else f"{s.name}_{sum(k.startswith(s.name) for k in out) + 1}"
+        if s.name == "prune":
+            st: dict[str, Any] = {"type": "prune", "amount": s.value, "criterion": "magnitude",
+                                  "granularity": "channel"}
+            if recovery is not None:
+                st["finetune"] = dict(recovery)
+        else:
+            st = {"type": "quantize", "method": s.value, "batch_size": batch_size}
+        out[name] = st
+    return out
 
 
-class frozen_backbone:
-    """Context: only the classifier trains; backbone weights and BatchNorm statistics stay unchanged."""
-
-    def __init__(self, model: nn.Module, enabled: bool = True):
-        self.model, self.enabled = model, enabled
-        self.saved: list[tuple[nn.Parameter, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        if not self.enabled:
-            return self.model
-        if not hasattr(self.model, "get_classifier"):
-            raise ZooError(f"freeze_backbone: {type(self.model).__name__} has no get_classifier()")
-        head = {id(p) for p in self.model.get_classifier().parameters()}
-        for p in self.model.parameters():
-            self.saved.append((p, p.requires_grad))
-            p.requires_grad_(id(p) in head)
-        self.model.train = types.MethodType(_frozen_train, self.model)  # type: ignore[method-assign]
-        return self.model
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.enabled:
-            return
-        for p, flag in self.saved:
-            p.requires_grad_(flag)
-        self.model.__dict__.pop("train", None)
+def then_specs(steps: Sequence[ThenStep], source: StageSpec, recovery: dict[str, Any] | None, batch_size: int,
+               written: Sequence[str] | None = None) -> list[StageSpec]:
+    """The validated stage specs of `--then` steps, chained from `source` (the recipe validators check them)."""
+    stages = then_stages(steps, recovery, batch_size)
+    names = dict(zip(stages, written if written is not None else map(str, steps)))
+    return chain_stages(_ThenChecker(names), source, stages)
 
 
 # ---------------------------------------------------------------------------------------------- steps
 
-def _first_batches(loader: Any, n: int) -> Iterator[torch.Tensor]:
-    for i, (x, _) in enumerate(loader):
-        if i >= n:
-            return
-        yield x
-
-
 def _size_stats(model: nn.Module) -> dict[str, Any]:
-    from zoo.profile import count_params
-    from zoo.io import serialized_size
-
     out: dict[str, Any] = {"params": int(count_params(model))}
     try:
         out["size_bytes"] = int(serialized_size(model))
@@ -196,36 +205,50 @@ def _size_stats(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def _run_prune(model: nn.Module, step: ThenStep, loaders: tuple[Any, Any], cfg: Any) -> tuple[nn.Module, dict]:
-    from zoo.compress import prune
-    from zoo.train import TrainConfig, evaluate, fit
-
-    train_loader, val_loader = loaders
-    model = model.cpu()
-    example = next(iter(train_loader))[0][:1]
-    model = prune(model, step.value, criterion="magnitude", granularity="channel", example_inputs=example)
-    before = evaluate(model, val_loader)
-    rec_cfg = TrainConfig.from_dict({**cfg.to_dict(), "epochs": max(1, cfg.epochs // 2),
-                                     "lr": cfg.lr * PRUNE_LR_FACTOR, "warmup_epochs": 0.0})
-    res = fit(model, train_loader, val_loader, rec_cfg)
-    model = model.cpu()
-    return model, {"step": "prune", "amount": step.value, "criterion": "magnitude", "granularity": "channel",
-                   "val_top1_before_finetune": before["top1"], "epochs": _epoch_records(res.history),
-                   "finetune": {"epochs": rec_cfg.epochs, "lr": rec_cfg.lr}}
+def then_recovery(cfg: TrainConfig) -> dict[str, Any]:
+    """The finetune block of a --then prune stage: half the epochs (at least one) at a fifth of the learning rate,
+    no warm-up, otherwise the fine-tune's own settings."""
+    return {"epochs": max(1, cfg.epochs // 2), "batch_size": cfg.batch_size, "lr": cfg.lr * PRUNE_LR_FACTOR,
+            "warmup_epochs": 0.0, "progress": cfg.progress, "device": cfg.device}
 
 
-def _run_quantize(model: nn.Module, step: ThenStep, loaders: tuple[Any, Any], cfg: Any) -> tuple[nn.Module, dict]:
-    from zoo.compress import quantize
+def _run_steps(model: nn.Module, steps: list[tuple[ThenStep, StageSpec]], data: Loaders,
+               size: tuple[int, int, int], seed: int, progress: bool) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Run the --then stages on the fine-tuned model with the recipe runners; one record per step."""
+    batch_size = data[0].batch_size
 
-    train_loader, _ = loaders
-    model = model.cpu().eval()
-    calibration = list(_first_batches(train_loader, CALIBRATION_BATCHES)) if step.value == "static" else None
-    qmodel = quantize(model, step.value, calibration=calibration)
-    model = qmodel if isinstance(qmodel, nn.Module) else model
-    rec = {"step": "quantize", "method": step.value}
-    if calibration is not None:
-        rec["calibration_images"] = int(sum(x.shape[0] for x in calibration))
-    return model, rec
+    def loaders(bs: int) -> Loaders:
+        if bs != batch_size:  # then_stages asks for batches of the fine-tune's size only
+            raise ZooError(f"finetune --then: a step asked for batches of {bs} images; the loaders hold {batch_size}")
+        return data
+
+    records = []
+    for step, spec in steps:
+        dataset = {"name": "imagefolder", "input_size": list(size), "num_classes": data[2].num_classes}
+        ctx = StageContext(spec=spec, seed=seed, options=spec.options, raw={}, input_size=size, dataset=dataset,
+                           loaders=loaders, stage_model=lambda name, m=model: m)
+        model, metrics = STAGE_TYPES[spec.type].runner(ctx)
+        rec = _step_record(spec, ctx, metrics)
+        rec.update(val_top1=metrics["top1"], val_top5=metrics["top5"], val_loss=metrics["loss"], **_size_stats(model))
+        records.append(rec)
+        if progress:
+            print(f"{step}: val top1 {metrics['top1']:.2f}%  params {rec['params']:,}", flush=True)
+    return model, records
+
+
+def _step_record(spec: StageSpec, ctx: StageContext, metrics: dict[str, Any]) -> dict[str, Any]:
+    """What metrics.json says about one --then step (before its validation metrics and sizes)."""
+    o = spec.options
+    if spec.type == "quantize":
+        rec: dict[str, Any] = {"step": "quantize", "method": o["method"]}
+        if "calibration_images" in ctx.report:
+            rec["calibration_images"] = ctx.report["calibration_images"]
+        return rec
+    cfg = train_config(o["train"], ctx.seed)
+    return {"step": "prune", "amount": o["amount"], "criterion": o["criterion"], "granularity": o["granularity"],
+            "val_top1_before_finetune": metrics["top1_before_finetune"],
+            "epochs": _epoch_records(ctx.report["finetunes"][-1].history),
+            "finetune": {"epochs": cfg.epochs, "lr": cfg.lr}}
 
 
 def _epoch_records(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -242,8 +265,6 @@ def _check_int(name: str, v: Any, lo: int) -> int:
 
 
 def _model_kwargs(model_name: str, input_size: int | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    from zoo._registry import model_args, model_card
-
     for k, why in RESERVED_KWARGS.items():
         if k in kwargs:
             raise ZooError(f"{model_name}: {k}={short_repr(kwargs[k])} cannot be given to finetune; {why}")
@@ -263,8 +284,6 @@ def _model_kwargs(model_name: str, input_size: int | None, kwargs: dict[str, Any
 
 
 def _build_model(model_name: str, weights: Any, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    from zoo._registry import create
-
     if weights is None:
         return create(model_name, num_classes=num_classes, **kwargs)
     model = create(model_name, weights=weights, reinit_head=True, **kwargs)
@@ -281,13 +300,9 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
 
     `weights` (a tag or a .safetensors path) initialises the backbone; `freeze_backbone` trains only the
     classifier; `then` adds compression steps ('prune=0.5,quantize=static'); `input_size` is the image side
-    (the model's `resolution` where it has one); other keyword arguments go to zoo.create.
+    (the model's `resolution` where it has one); other keyword arguments go to zoo.create. The `then` steps
+    compile into recipe stages (`then_specs`) and run through the recipe's prune / quantize runners.
     """
-    from zoo.data import get_loaders, scan_imagefolder
-    from zoo.data.imagefolder import verify_imagefolder
-    from zoo.train import TrainConfig, evaluate, fit
-    from zoo.weights.checkpoint import save_checkpoint
-
     # 1. everything the user gave, checked before any work
     if not isinstance(model_name, str):
         raise ZooError(f"model_name={short_repr(model_name)} is not allowed; expected a registered model name")
@@ -299,6 +314,8 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
         lr = PRETRAINED_LR if weights is not None else DEFAULT_LR
     cfg = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
                                  "progress": progress, "device": device})
+    specs = then_specs(steps, StageSpec(THEN_SOURCE, "train", model_name, kwargs, None, seed, {}, ()),
+                       then_recovery(cfg), batch_size)
     if data is None or not isinstance(data, (str, os.PathLike)):
         raise ZooError(f"data={short_repr(data)} is not allowed; expected an image folder path")
     # 2. the folder: layout, classes, and every image decoded (a corrupt file fails here)
@@ -308,9 +325,7 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
     # 3. the model with a fresh head for these classes
     torch.manual_seed(seed)
     model = _build_model(model_name, weights, len(src.class_names), kwargs)
-    size = tuple(getattr(model, "default_input_size"))
-    if input_size is not None and size[1:] != (input_size, input_size):
-        size = (size[0], input_size, input_size)
+    size = resolve_input_size(model, input_size, what="input_size")
     train_loader, val_loader, info = get_loaders("imagefolder", size, batch_size=batch_size, root=data, seed=seed,
                                                  val_fraction=val_fraction)
     # 4. fine-tune
@@ -318,21 +333,14 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
         res = fit(model, train_loader, val_loader, cfg)
     model = model.cpu()
     history = _epoch_records(res.history)
-    # 5. compression steps
-    records = []
-    for step in steps:
-        runner = _run_prune if step.name == "prune" else _run_quantize
-        model, rec = runner(model, step, (train_loader, val_loader), cfg)
-        m = evaluate(model, val_loader)
-        rec.update(val_top1=m["top1"], val_top5=m["top5"], val_loss=m["loss"], **_size_stats(model))
-        records.append(rec)
-        if progress:
-            print(f"{step}: val top1 {m['top1']:.2f}%  params {rec['params']:,}", flush=True)
+    # 5. compression steps: the recipe's runners
+    model, records = _run_steps(model, list(zip(steps, specs)), (train_loader, val_loader, info), size, seed,
+                                progress)
     # 6. files
     final = evaluate(model, val_loader) if not records else {"top1": records[-1]["val_top1"],
                                                              "top5": records[-1]["val_top5"],
                                                              "loss": records[-1]["val_loss"]}
-    summary = {"model": model_name, "kwargs": dict(model.zoo_kwargs) if hasattr(model, "zoo_kwargs") else kwargs,
+    summary = {"model": model_name, "kwargs": dict(model.spec.kwargs),
                "weights": None if weights is None else os.fspath(weights), "freeze_backbone": freeze_backbone,
                "then": [str(s) for s in steps]}
     weights_path = save_checkpoint(model, out / "model.safetensors", classes=info.class_names, mean=info.mean,
@@ -352,8 +360,6 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
 # ---------------------------------------------------------------------------------------------- CLI
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from zoo.cli import model_kwargs_from_args
-
     kwargs = model_kwargs_from_args(args)
     res = finetune(args.name, args.data, weights=args.weights, freeze_backbone=args.freeze_backbone,
                    epochs=args.epochs, out=args.out, then=args.then, batch_size=args.batch_size, lr=args.lr,
@@ -372,8 +378,6 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_commands(sub: Any) -> None:
     """Add `zoo finetune` to the zoo CLI (`zoo predict` is zoo.predict's, listed in zoo.cli.COMMAND_MODULES)."""
-    from zoo.cli import MODEL_FLAGS
-
     p = sub.add_parser(
         "finetune", help="fine-tune a model on your image folder (new head), optionally prune/quantize",
         description="Fine-tune a registered model on an image folder (root/train/<class> + root/val/<class>, or "

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from zoo._registry import create
 from zoo.errors import ZooError
+from zoo.spec import model_name
 
 # torchvision builder -> (zoo model, zoo kwargs)
 TORCHVISION: dict[str, tuple[str, dict[str, Any]]] = {
@@ -90,10 +91,10 @@ def transfer(ref: nn.Module, model: nn.Module, source: str = "reference") -> nn.
         if len(problems) >= 3:
             break
     if len(a) != len(b) and not problems:
-        problems.append(f"{source} has {len(a)} layers with weights, zoo {getattr(model, 'zoo_name', '')} has "
+        problems.append(f"{source} has {len(a)} layers with weights, zoo {model_name(model)} has "
                         f"{len(b)}")
     if problems:
-        raise ZooError(f"cannot map {source} weights onto zoo {getattr(model, 'zoo_name', type(model).__name__)}: "
+        raise ZooError(f"cannot map {source} weights onto zoo {model_name(model)}: "
                        + "; ".join(problems))
     state: dict[str, torch.Tensor] = {}
     for (na, ma), (nb, mb) in zip(a, b):
@@ -106,12 +107,12 @@ def transfer(ref: nn.Module, model: nn.Module, source: str = "reference") -> nn.
     if set(state) != expected:
         missing = sorted(expected - set(state))[:3]
         extra = sorted(set(state) - expected)[:3]
-        raise ZooError(f"cannot map {source} weights onto zoo {getattr(model, 'zoo_name', '')}: "
+        raise ZooError(f"cannot map {source} weights onto zoo {model_name(model)}: "
                        f"unfilled zoo tensors {missing}, unused {source} tensors {extra}")
     model.load_state_dict(state, strict=True, assign=True)  # assign: `model` may live on the meta device
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ZooError(f"cannot map {source} weights onto zoo {model.zoo_name}: {left[:3]} were not filled")
+        raise ZooError(f"cannot map {source} weights onto zoo {model_name(model)}: {left[:3]} were not filled")
     return model
 
 
@@ -120,9 +121,9 @@ def _check(ref: nn.Module, model: nn.Module, source: str) -> None:
     keep = "; pass check=False to keep the converted model anyway (e.g. as a fine-tuning start)"
     acts_ref, acts_zoo = _acts(ref), _acts(model)
     if acts_ref != acts_zoo:  # e.g. ReLU vs ReLU6 agree on small activations, so outputs alone can miss it
-        raise ZooError(f"zoo {model.zoo_name} does not reproduce {source} although every weight was mapped: "
+        raise ZooError(f"zoo {model_name(model)} does not reproduce {source} although every weight was mapped: "
                        f"the activations differ ({source} uses {', '.join(sorted(acts_ref))}, zoo "
-                       f"{model.zoo_name} uses {', '.join(sorted(acts_zoo))}){keep}")
+                       f"{model_name(model)} uses {', '.join(sorted(acts_zoo))}){keep}")
     with torch.no_grad():
         ref.eval()
         model.eval()
@@ -133,7 +134,7 @@ def _check(ref: nn.Module, model: nn.Module, source: str) -> None:
     scale = max(1.0, float(y_ref.abs().max()))
     err = float((y - y_ref).abs().max())
     if not err <= CHECK_RTOL * scale:
-        raise ZooError(f"zoo {model.zoo_name} does not reproduce {source}: max |difference| {err:.3g} on outputs "
+        raise ZooError(f"zoo {model_name(model)} does not reproduce {source}: max |difference| {err:.3g} on outputs "
                        f"of scale {scale:.3g} although every weight was mapped{keep}")
 
 
@@ -194,7 +195,7 @@ def _as_state(obj: Any, fn: str) -> tuple[nn.Module | None, dict[str, torch.Tens
     raise ZooError(f"{fn}: expected an nn.Module or a non-empty state dict of tensors, got {type(obj).__name__}")
 
 
-def _convert(ref: nn.Module, zoo_name: str, zoo_kwargs: dict[str, Any], source: str, check: bool) -> nn.Module:
+def _convert(ref: nn.Module, name: str, kwargs: dict[str, Any], source: str, check: bool) -> nn.Module:
     first = next((m for m in ref.modules() if isinstance(m, nn.Conv2d)), None)
     in_chans = first.in_channels if first is not None else 3
     last = _stateful(ref)[-1][1]
@@ -202,11 +203,11 @@ def _convert(ref: nn.Module, zoo_name: str, zoo_kwargs: dict[str, Any], source: 
     if num_classes is None:
         raise ZooError(f"{source}: cannot tell the number of classes from its last layer {type(last).__name__}")
     with torch.device("meta"):  # no time spent initialising tensors that transfer() replaces
-        model = create(zoo_name, num_classes=num_classes, in_chans=in_chans, **zoo_kwargs)
+        model = create(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     transfer(ref, model, source)
     if check:
         _check(ref, model, source)
-    model.zoo_weights = {"source": source}
+    model.spec.provenance = {"source": source}
     return model
 
 
@@ -226,8 +227,8 @@ def _convert_first(fn: str, lib: str, table: Mapping[str, tuple[str, dict[str, A
         if fit is None:
             continue
         ref = _reference(lib, arch, module, state, *fit)
-        zoo_name, zoo_kwargs = table[arch]
-        return _convert(ref, zoo_name, zoo_kwargs, f"{lib} {arch}", check)
+        name, kwargs = table[arch]
+        return _convert(ref, name, kwargs, f"{lib} {arch}", check)
     raise ZooError(f"{fn}: the tensors do not match {lib} {', '.join(candidates)} (keys or shapes differ)")
 
 

@@ -22,6 +22,7 @@ from torch.ao.quantization import DeQuantStub, QuantStub
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from zoo.errors import ZooError
+from zoo.spec import ModelSpec, model_name
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: int | None = None, round_limit: float = 0.9) -> int:
@@ -364,8 +365,11 @@ class ZooModel(nn.Module):
 
     Subclasses set `num_features`, `self.classifier` (or override the head methods) and implement
     `forward_features`. `forward` = quant -> features -> head -> dequant; the stubs are identities
-    until the model is converted to int8.
+    until the model is converted to int8. `spec` (zoo.spec.ModelSpec) is set by `zoo.create`: name,
+    kwargs, default input size, classes, normalisation and compression history.
     """
+
+    spec: ModelSpec | None = None
 
     def __init__(self, in_chans: int, min_input_size: int, fixed_input_size: int | None = None):
         super().__init__()
@@ -380,7 +384,7 @@ class ZooModel(nn.Module):
         """Raise ZooError unless x is (N, in_chans, H, W) with H, W large enough for the network."""
         if _skip_checks():
             return
-        name = getattr(self, "zoo_name", type(self).__name__)
+        name = model_name(self)
         shape = tuple(x.shape)
         if self.fixed_input_size is not None:
             s = self.fixed_input_size
@@ -428,8 +432,9 @@ class ZooModel(nn.Module):
             raise ZooError(f"reset_classifier: num_classes={num_classes!r} is not allowed; expected int >= 1")
         self.classifier = nn.Linear(self.num_features, num_classes)
         init_linear(self.classifier)
-        if hasattr(self, "zoo_kwargs"):
-            self.zoo_kwargs["num_classes"] = num_classes
+        if self.spec is not None:  # the old class names no longer describe the outputs
+            self.spec.kwargs["num_classes"] = num_classes
+            self.spec.classes = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

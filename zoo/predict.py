@@ -19,13 +19,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from zoo._registry import model_card, resolve_kwargs
 from zoo.data.common import ImageTransform
 from zoo.data.imagefolder import IMAGE_EXTENSIONS, check_class_paths, load_image
 from zoo.errors import ZooError
+from zoo.spec import input_size
 from zoo.untrusted import short_repr
-from zoo.weights.checkpoint import read_checkpoint
-from zoo.weights.loading import build_from_checkpoint
+from zoo.weights.checkpoint import load_checkpoint, read_checkpoint
 
 DEFAULT_TOP = 5
 MAX_INPUT_SIDE = 4096  # a header's zoo.input_size is refused beyond this (images are resized to it)
@@ -55,16 +54,14 @@ class Classifier:
 
 
 def _input_size(model: nn.Module, meta: dict[str, Any], path: Path) -> tuple[int, int, int]:
+    """The header's zoo.input_size if it has one (checked), else the model's default input size."""
     size = meta.get("input_size")
     if size is None:
-        size = getattr(model, "default_input_size", None)
-    if size is None:
-        spec = meta["spec"]
-        size = model_card(spec["name"]).input_size(resolve_kwargs(spec["name"], **spec.get("kwargs", {})))
-    in_chans = getattr(model, "zoo_kwargs", {}).get("in_chans")
+        return input_size(model)
+    in_chans = model.spec.kwargs["in_chans"]
     ok = isinstance(size, (list, tuple)) and len(size) == 3 and all(
         isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_INPUT_SIDE for v in size)
-    if not ok or (in_chans is not None and size[0] != in_chans):
+    if not ok or size[0] != in_chans:
         raise ZooError(f"weights {str(path)!r}: zoo.input_size={short_repr(size)} is not allowed; expected "
                        f"[C, H, W] with C = the model's {in_chans} input channels and H, W from 1 to {MAX_INPUT_SIDE}")
     return tuple(int(v) for v in size)
@@ -86,13 +83,13 @@ def load_classifier(weights: str | os.PathLike, allow_nonfinite: bool = False) -
         raise ZooError(f"weights {str(ckpt.path)!r} have no zoo.{'/zoo.'.join(missing)} in the header, so the "
                        "input normalisation is unknown; use a checkpoint written by `zoo finetune` or "
                        "zoo.weights.save_checkpoint(..., mean=, std=)")
-    model = build_from_checkpoint(ckpt)
+    model = load_checkpoint(ckpt)
     model.eval()
-    num_classes = model.zoo_kwargs["num_classes"]  # validated by the registry when the model was built
+    num_classes = model.spec.kwargs["num_classes"]  # validated by the registry when the model was built
     classes = ckpt.metadata.get("classes")
     if classes is None:
         classes = [str(i) for i in range(num_classes)]
-    if len(classes) != num_classes:  # build_from_checkpoint checks this too; the model's head decides
+    if len(classes) != num_classes:  # load_checkpoint checks this too; the model's head decides
         raise ZooError(f"weights {str(ckpt.path)!r}: zoo.classes names {len(classes)} classes for a model with "
                        f"{num_classes} outputs")
     meta = dict(ckpt.metadata, spec=ckpt.spec)

@@ -27,13 +27,15 @@ import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.ao.nn.quantized as nnq
 
 from zoo.errors import ZooError
+from zoo.spec import input_size as input_size_of, model_name
+from zoo.weights.checkpoint import serialized_size
 
 _CONV = (nn.modules.conv._ConvNd, nnq.Conv1d, nnq.Conv2d, nnq.Conv3d)
 _LINEAR = (nn.Linear, nnq.Linear)  # nnq.LinearReLU and nnq.dynamic.Linear subclass nnq.Linear
@@ -164,26 +166,6 @@ def _module_macs(m: nn.Module, out: torch.Tensor) -> int:
     return per_sample * m.in_features  # linear: out_features * in_features per output row
 
 
-def _resolve_input_size(model: nn.Module, input_size: Any) -> tuple[int, int, int]:
-    if input_size is None:
-        size = getattr(model, "default_input_size", None)
-        if size is None:
-            raise ZooError(f"profile: {type(model).__name__} has no default_input_size (it was not built by "
-                           "zoo.create); pass input_size=(C, H, W)")
-        return tuple(int(s) for s in size)
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
-        chans = getattr(model, "in_chans", None) or (getattr(model, "default_input_size", None) or (None,))[0]
-        if chans is None:
-            raise ZooError(f"profile: input_size={input_size!r} gives no channel count for this model; "
-                           "pass input_size=(C, H, W)")
-        input_size = (chans, input_size, input_size)
-    ok = (isinstance(input_size, (tuple, list)) and len(input_size) == 3
-          and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_size))
-    if not ok:
-        raise ZooError(f"profile: input_size={input_size!r} is not allowed; expected (C, H, W) of positive ints")
-    return tuple(input_size)
-
-
 def _device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         return t.device
@@ -245,7 +227,7 @@ def layer_stats(model: nn.Module, input_size: Sequence[int]) -> list[LayerStat]:
 
 def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
     """Conv + linear multiply-accumulates per sample (hooks only, no fvcore)."""
-    return sum(r.macs for r in layer_stats(model, _resolve_input_size(model, input_size)))
+    return sum(r.macs for r in layer_stats(model, input_size_of(model, input_size, what="input_size")))
 
 
 def _fvcore_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int | None, str | None]:
@@ -314,13 +296,15 @@ def _sparsity(model: nn.Module) -> tuple[int, float, int]:
     return nonzero, (zeros / total if total else 0.0), saved
 
 
-def measure_latency(model: nn.Module, input_size: Sequence[int], batch_size: int = 1,
-                    warmup: int = 3, repeats: int = 20) -> float:
-    """Median forward time in ms of a batch (eval, no_grad), after warm-up runs."""
-    x = torch.randn(batch_size, *input_size, device=_device(model))
+def measure_latency(model: nn.Module | Callable[[torch.Tensor], Any], input_size: Sequence[int],
+                    batch_size: int = 1, warmup: int = 3, repeats: int = 20) -> float:
+    """Median forward time in ms of a batch (eval, no_grad), after warm-up runs; `model` may also be a
+    runtime's tensor -> tensor callable (an ExecuTorch program, a compiled graph)."""
+    module = model if isinstance(model, nn.Module) else nn.Module()  # _Mode / _device need a module
+    x = torch.randn(batch_size, *input_size, device=_device(module))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times = []
-    with _Mode(model), torch.no_grad():
+    with _Mode(module), torch.no_grad():
         for i in range(warmup + repeats):
             sync()
             t0 = time.perf_counter()
@@ -338,7 +322,7 @@ def profile(model: nn.Module, input_size: Sequence[int] | int | None = None, lat
         raise ZooError(f"profile: expected an nn.Module, got {type(model).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ZooError(f"profile: batch_size={batch_size!r} is not allowed; expected int >= 1")
-    size = _resolve_input_size(model, input_size)
+    size = input_size_of(model, input_size, what="profile: input_size")
     notes: list[str] = []
     rows = layer_stats(model, size)
     flops_fv = None
@@ -347,8 +331,6 @@ def profile(model: nn.Module, input_size: Sequence[int] | int | None = None, lat
         if note:
             notes.append(note)
     try:
-        from zoo.io import serialized_size
-
         size_bytes: int | None = serialized_size(model)
     except Exception as e:  # e.g. a storage format the serialiser does not handle yet
         size_bytes = None
@@ -360,5 +342,5 @@ def profile(model: nn.Module, input_size: Sequence[int] | int | None = None, lat
         size_bytes=size_bytes, nonzero_params=nonzero, sparsity=sparsity,
         sparse_size_bytes=None if size_bytes is None else size_bytes - saved, latency_ms=lat,
         input_size=size, batch_size=batch_size, layers=rows, notes=notes,
-        name=getattr(model, "zoo_name", type(model).__name__),
+        name=model_name(model),
     )

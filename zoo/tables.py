@@ -67,7 +67,7 @@ def reference_row(name: str, index: int) -> TableRow:
     card = model_card(name)
     ref = card.references[index]
     model = create(name, **ref.kwargs)
-    size = model.default_input_size
+    size = model.spec.input_size
     macs = sum(r.macs for r in layer_stats(model, size))
     label = ref.label or (f"{name} " + ", ".join(f"{k}={v}" for k, v in ref.kwargs.items())).strip()
     return TableRow(card.family, name, dict(ref.kwargs), label, ref.source, tuple(size), ref.params,

@@ -16,7 +16,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from zoo.errors import ZooError
-from zoo.io import atomic_save, make_out_dir, model_spec, state_tensors
+from zoo.io import atomic_save, make_out_dir
+from zoo.spec import spec_of
+from zoo.weights.checkpoint import model_spec, state_tensors
 from zoo.train_config import TrainConfig
 from zoo.train_state import RESUME_FORMAT, optimizer_state, read_resume, rng_state, set_rng_state
 
@@ -46,7 +48,8 @@ def _raw_state(model: nn.Module) -> dict[str, Tensor]:
 def _weights_meta(model: nn.Module, epoch: int, record: dict, cfg: TrainConfig, meta: dict) -> dict[str, str]:
     """The zoo.* header entries of the user-facing weights files."""
     out = {f"zoo.{k}": json.dumps(v) for k, v in meta.items()}
-    if hasattr(model, "zoo_name"):
+    spec = spec_of(model)
+    if spec is not None and spec.name is not None:  # a model zoo.create built (others have nothing to rebuild)
         out["zoo.spec"] = json.dumps(model_spec(model))
     out["zoo.epoch"] = json.dumps(epoch)
     out["zoo.metrics"] = json.dumps(record)

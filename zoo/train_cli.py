@@ -18,7 +18,8 @@ from zoo._registry import create, model_card, resolve_kwargs
 from zoo.cli import model_kwargs_from_args
 from zoo.data import DATASETS, get_loaders
 from zoo.errors import ZooError
-from zoo.io import make_out_dir, state_tensors
+from zoo.io import make_out_dir
+from zoo.weights.checkpoint import state_tensors
 from zoo.train_config import TrainConfig
 from zoo.train_loop import fit, init_distributed
 from zoo.train_state import seed_all

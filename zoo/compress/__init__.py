@@ -3,19 +3,36 @@
 Every technique works on every registered family through one API:
 
 * `prune(model, amount, criterion, granularity, scope, data=None, example_inputs=None)`:
-  unstructured weight masks (`make_permanent` to bake them) or structured, physical channel removal;
+  `amount` a fraction or a per-layer mapping (layer path -> fraction); unstructured weight masks
+  (`make_permanent` to bake them) or structured, physical channel removal;
   `snip` (pruning at initialisation), `cubic_schedule` / `prune_iterative` (gradual pruning).
 * `quantize(model, method, calibration=None, ...)`: int8 'dynamic' / 'static' / 'qat' (then
   `convert`), STE 'binary' / 'ternary', and 'weights_kbit' (2..8 bits).
 * `low_rank(model, rank=None, energy=None)`: SVD for linear / 1x1 convs, Tucker-2 for kxk convs.
-* `save(model, path)` / `load(path)`: safetensors + spec, rebuilt through the registry.
+* `save(model, path)` / `load(path)`: the checkpoint writer and loader of zoo.weights.checkpoint
+  (safetensors + spec, rebuilt through the registry, then each compression step).
 """
 
-from zoo.compress.lowrank import low_rank
-from zoo.compress.pruning import (channel_groups, cubic_schedule, make_permanent, prunable_layers, prune,
-                                prune_iterative, snip, sparsity)
-from zoo.compress.quantization import convert, quantize
-from zoo.compress.serialize import build_from_spec, load, save
+from typing import Any
 
-__all__ = ["build_from_spec", "channel_groups", "convert", "cubic_schedule", "load", "low_rank", "make_permanent",
+from zoo.compress.criteria import CRITERIA
+from zoo.compress.lowrank import low_rank
+from zoo.compress.pruning import (GRANULARITIES, SCOPES, channel_groups, cubic_schedule, make_permanent,
+                                prunable_layers, prune, prune_iterative, snip, sparsity)
+from zoo.compress.quantization import BACKENDS, METHODS, OBSERVERS, convert, quantize
+from zoo.compress.serialize import build_from_spec
+
+__all__ = ["BACKENDS", "CRITERIA", "GRANULARITIES", "METHODS", "OBSERVERS", "SCOPES",  # the option vocabularies
+           "build_from_spec", "channel_groups", "convert", "cubic_schedule", "load", "low_rank", "make_permanent",
            "prunable_layers", "prune", "prune_iterative", "quantize", "save", "snip", "sparsity"]
+
+
+def __getattr__(name: str) -> Any:
+    """`zoo.compress.save` / `load`: zoo.weights.checkpoint's save_checkpoint / load_checkpoint."""
+    if name not in ("save", "load"):
+        raise AttributeError(f"module 'zoo.compress' has no attribute {name!r}")
+    # import inside a function: zoo.weights.checkpoint sits one layer above zoo.compress (it replays compression
+    # steps), so a module-level import here would be a loop; these two names are only looked up after import.
+    from zoo.weights import checkpoint
+
+    return checkpoint.save_checkpoint if name == "save" else checkpoint.load_checkpoint

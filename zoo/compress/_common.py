@@ -1,8 +1,8 @@
 """Shared helpers of zoo.compress: argument checks, data batches, module paths and the spec steps.
 
-A compressed model records what was done to it in `model.zoo_compression`, a list of JSON-able steps
-applied in order (channel surgery, weight masks, low-rank factorisation, weight quantisation, int8
-conversion). `zoo.io.model_spec` writes that list into the safetensors header, and
+A compressed model records what was done to it in its spec's `compression` (zoo.spec), a list of
+JSON-able steps applied in order (channel surgery, weight masks, low-rank factorisation, weight quantisation, int8
+conversion). `zoo.weights.checkpoint.model_spec` writes that list into the checkpoint header, and
 `zoo.compress.serialize.build_from_spec` replays the structural part of each step on a fresh model.
 """
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from zoo.errors import ZooError
+from zoo.spec import attach_spec, smallest_input_size, spec_of
 
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -46,23 +47,28 @@ def check_model(func: str, model: Any) -> nn.Module:
 
 
 def steps(model: nn.Module) -> list[dict[str, Any]]:
-    """The compression steps recorded on a model (empty list if none)."""
-    s = getattr(model, "zoo_compression", None)
-    return list(s) if s else []
+    """The compression steps recorded in the model's spec (empty list if none)."""
+    spec = spec_of(model)
+    return list(spec.compression) if spec is not None else []
+
+
+def set_steps(model: nn.Module, new: list[dict[str, Any]]) -> None:
+    """Replace the model's recorded compression steps (a fresh list, never shared with a copy)."""
+    attach_spec(model).compression = list(new)
 
 
 def add_step(model: nn.Module, step: dict[str, Any]) -> None:
-    """Append a step to `model.zoo_compression` (a fresh list, never shared with a copy)."""
-    model.zoo_compression = steps(model) + [step]
+    """Append a step to the model's recorded compression steps."""
+    set_steps(model, steps(model) + [step])
 
 
 def copy_model(model: nn.Module, inplace: bool) -> nn.Module:
-    """The model itself (inplace) or a deep copy that keeps the zoo attributes."""
+    """The model itself (inplace) or a deep copy that keeps its spec (a GraphModule's deepcopy drops it)."""
     if inplace:
         return model
     out = copy.deepcopy(model)
-    if hasattr(model, "zoo_compression"):
-        out.zoo_compression = copy.deepcopy(model.zoo_compression)
+    if spec_of(model) is not None:
+        out.spec = copy.deepcopy(spec_of(model))
     return out
 
 
@@ -109,18 +115,9 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def trace_size(model: nn.Module) -> tuple[int, ...] | None:
-    """The smallest input (C, H, W) a zoo model accepts (its default size for other models, or None)."""
-    side = getattr(model, "fixed_input_size", None) or getattr(model, "min_input_size", None)
-    if side and getattr(model, "in_chans", None):
-        return (model.in_chans, side, side)
-    size = getattr(model, "default_input_size", None)
-    return tuple(size) if size is not None else None
-
-
 def call_order(model: nn.Module, modules: list[nn.Module]) -> list[nn.Module] | None:
     """The given modules in the order a forward pass calls them (None if the input size is unknown)."""
-    size = trace_size(model)
+    size = smallest_input_size(model)
     if size is None:
         return None
     seen: list[nn.Module] = []
@@ -196,7 +193,8 @@ def example_input(model: nn.Module, example_inputs: torch.Tensor | None, func: s
         if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
             raise ZooError(f"{func}: example_inputs must be a batched tensor, got {type(example_inputs).__name__}")
         return example_inputs[:1].to(device_of(model))
-    size = trace_size(model) if smallest else getattr(model, "default_input_size", None)
+    spec = spec_of(model)
+    size = smallest_input_size(model) if smallest else (spec.input_size if spec is not None else None)
     if size is None:
         raise ZooError(f"{func}: the model was not built by zoo.create, so pass example_inputs (a batch tensor)")
     return torch.zeros(1, *size, device=device_of(model))

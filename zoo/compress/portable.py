@@ -17,7 +17,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from zoo.compress._common import check_model, steps
+from zoo.compress._common import check_model, set_steps, steps
 from zoo.compress.surgery import rebuild_structure
 from zoo.errors import ZooError
 
@@ -55,5 +55,5 @@ def load_pruned(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         raise ZooError(f"load_pruned: the tensors of {p!r} do not fit this model ({e})") from None
     for a, v in step.get("attrs", {}).items():
         setattr(model, a, v)
-    model.zoo_compression = [step] if step.get("modules") else []
+    set_steps(model, [step] if step.get("modules") else [])
     return model

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 
 from zoo.compress import criteria as C
 from zoo.compress._common import (check_amount, check_choice, check_model, copy_model, eval_mode, example_input,
-                                  get_module, has_parametrizations, is_quantized_model, resolve_protect, steps,
-                                  weight_layers)
+                                  get_module, has_parametrizations, is_quantized_model, resolve_protect, set_steps,
+                                  steps, weight_layers)
 from zoo.compress.groups import Group, build_groups
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
@@ -80,7 +80,7 @@ def make_permanent(model: nn.Module) -> nn.Module:
         del m._modules["parametrizations"]
         m.__class__ = m.__class__.__bases__[0]
         m.weight = nn.Parameter(w)
-    model.zoo_compression = [s for s in steps(model) if s.get("kind") != "mask"]
+    set_steps(model, [s for s in steps(model) if s.get("kind") != "mask"])
     return model
 
 
@@ -94,10 +94,11 @@ def sparsity(model: nn.Module) -> float:
     return zeros / tot if tot else 0.0
 
 
-def _check_common(func: str, model: nn.Module, amount: float, criterion: str, granularity: str, scope: str,
-                  hessian: str) -> float:
+def _check_common(func: str, model: nn.Module, amount: float | Mapping[str, float], criterion: str, granularity: str,
+                  scope: str, hessian: str) -> float | dict[str, float]:
     check_model(func, model)
-    amount = check_amount(func, amount)
+    amount = _check_layer_amounts(func, model, amount, granularity) if isinstance(amount, Mapping) \
+        else check_amount(func, amount)
     check_choice(func, "criterion", criterion, C.CRITERIA)
     check_choice(func, "granularity", granularity, GRANULARITIES)
     check_choice(func, "scope", scope, SCOPES)
@@ -107,12 +108,32 @@ def _check_common(func: str, model: nn.Module, amount: float, criterion: str, gr
     return amount
 
 
-def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granularity: str = "weight",
-          scope: str = "global", data: Any = None, example_inputs: torch.Tensor | None = None, *,
-          p: int = 2, protect: Sequence[str] | None = None, loss_fn: C.LossFn | None = None,
-          max_batches: int | None = None, hessian: str = "fisher", seed: int = 0, round_to: int | None = None,
-          max_per_layer: float | None = None, check: bool = True, inplace: bool = False) -> nn.Module:
-    """Prune `amount` of the weights (granularity='weight') or channel units ('channel').
+def _check_layer_amounts(func: str, model: nn.Module, amount: Mapping[str, float], granularity: str
+                         ) -> dict[str, float]:
+    """A per-layer amount: a non-empty mapping of conv/linear layer paths to fractions in (0, 1), weights only."""
+    if granularity != "weight":
+        raise ZooError(f"{func}: a per-layer amount (a mapping layer path -> fraction) prunes single weights; "
+                       f"granularity={granularity!r} is not allowed with it, use 'weight'")
+    if not amount:
+        raise ZooError(f"{func}: amount={{}} is not allowed; give layer path -> fraction pairs or one float")
+    layers = [n for n, _ in weight_layers(model)]
+    out: dict[str, float] = {}
+    for name, a in amount.items():
+        if name not in layers:
+            raise ZooError(f"{func}: amount names layer {name!r}, which is not a conv/linear layer of "
+                           f"{type(model).__name__}; its layers: " + ", ".join(layers))
+        out[name] = check_amount(f"{func}: amount[{name!r}]", a)
+    return out
+
+
+def prune(model: nn.Module, amount: float | Mapping[str, float], criterion: str = "magnitude",
+          granularity: str = "weight", scope: str = "global", data: Any = None,
+          example_inputs: torch.Tensor | None = None, *, p: int = 2, protect: Sequence[str] | None = None,
+          loss_fn: C.LossFn | None = None, max_batches: int | None = None, hessian: str = "fisher", seed: int = 0,
+          round_to: int | None = None, max_per_layer: float | None = None, check: bool = True,
+          inplace: bool = False) -> nn.Module:
+    """Prune `amount` of the weights (granularity='weight') or channel units ('channel'); or, given a per-layer
+    `amount` (a mapping layer path -> fraction, weights only), each listed layer to its own fraction.
 
     criterion: magnitude (Lp norm, p=1 or 2) | taylor | hessian (estimator `hessian`='fisher' or
     'hutchinson') | loss_change (channel only) | random; taylor/hessian/loss_change need `data`, an
@@ -127,7 +148,9 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     its units (default: all but one), the rest goes to other groups. Models not built by zoo.create
     need `example_inputs`. With `check` (default) the result is compared on a probe input with the
     masked model, and a mismatch raises a ZooError naming the first layer that differs. Returns a copy
-    unless inplace=True.
+    unless inplace=True. A per-layer amount (layer-wise rates as in Han et al. 2015) prunes the listed layers
+    one after another in the mapping's order, each ranked on its own (so `scope` does not apply) with the
+    other layers left as they are; `protect` does not apply either.
     """
     func = "prune"
     amount = _check_common(func, model, amount, criterion, granularity, scope, hessian)
@@ -141,6 +164,15 @@ def prune(model: nn.Module, amount: float, criterion: str = "magnitude", granula
     if criterion in ("taylor", "hessian", "loss_change") and data is None:
         raise ZooError(f"prune: criterion={criterion!r} needs data, an iterable of (input, target) batches")
     kw = dict(loss_fn=loss_fn, max_batches=max_batches, hessian=hessian, seed=seed)
+    if isinstance(amount, dict):
+        if protect is not None:
+            raise ZooError(f"prune: protect={protect!r} does not apply to a per-layer amount (only the listed "
+                           "layers are pruned)")
+        model = copy_model(model, inplace)
+        layers = [n for n, _ in weight_layers(model)]
+        for name, a in amount.items():
+            _prune_weights(model, a, criterion, "layer", data, [n for n in layers if n != name], p, kw)
+        return model
     if granularity == "weight":
         model = copy_model(model, inplace)
         _prune_weights(model, amount, criterion, scope, data, ("first", "last") if protect is None else protect, p, kw)
@@ -262,7 +294,7 @@ def apply_structure(model: nn.Module, groups: list[Group], kept: list[torch.Tens
     if isinstance(nf, int) and isinstance(cls, (nn.Linear, nn.Conv2d)):
         model.num_features = cls.in_features if isinstance(cls, nn.Linear) else cls.in_channels
         attrs["num_features"] = model.num_features
-    model.zoo_compression = [{"kind": "channels", "modules": merged, "attrs": attrs}]
+    set_steps(model, [{"kind": "channels", "modules": merged, "attrs": attrs}])
     return structure
 
 
@@ -309,7 +341,7 @@ def _prune_weights(model: nn.Module, amount: float, criterion: str, scope: str, 
         _set_mask(m, mask)
     done = {n for n, _ in masked_layers(model)}
     other = [s for s in steps(model) if s.get("kind") != "mask"]
-    model.zoo_compression = other + [{"kind": "mask", "modules": sorted(done)}]
+    set_steps(model, other + [{"kind": "mask", "modules": sorted(done)}])
 
 
 def snip(model: nn.Module, amount: float, data: Any, *, protect: Sequence[str] | None = None,
@@ -330,18 +362,30 @@ def cubic_schedule(final_amount: float, steps_: int, initial_amount: float = 0.0
     return [final_amount + (initial_amount - final_amount) * (1 - t / steps_) ** 3 for t in range(1, steps_ + 1)]
 
 
-def prune_iterative(model: nn.Module, final_amount: float, steps: int, fine_tune: Callable[[nn.Module, int], Any],
-                    criterion: str = "magnitude", granularity: str = "weight", scope: str = "global",
-                    data: Any = None, *, initial_amount: float = 0.0, **kwargs: Any) -> nn.Module:
+def prune_iterative(model: nn.Module, final_amount: float | Mapping[str, float], steps: int,
+                    fine_tune: Callable[[nn.Module, int], Any], criterion: str = "magnitude",
+                    granularity: str = "weight", scope: str = "global", data: Any = None, *,
+                    initial_amount: float = 0.0, **kwargs: Any) -> nn.Module:
     """Gradual pruning on the cubic schedule: prune to each target, then call fine_tune(model, step).
 
     fine_tune may train in place (return None) or return a new model. For 'weight' the targets are
     sparsities of the prunable weights; for 'channel' each step removes the fraction of the remaining
-    units that brings the total to the target. Returns the final model (masks still applied for
-    'weight': call make_permanent when done).
+    units that brings the total to the target. A per-layer `final_amount` (a mapping layer path ->
+    fraction, 'weight' only) gives each listed layer its own cubic schedule. Returns the final model
+    (masks still applied for 'weight': call make_permanent when done).
     """
     if not callable(fine_tune):
         raise ZooError(f"prune_iterative: fine_tune must be callable(model, step), got {type(fine_tune).__name__}")
+    if isinstance(final_amount, Mapping):
+        amounts = _check_layer_amounts("prune_iterative", check_model("prune_iterative", model), final_amount,
+                                       granularity)
+        per_layer = {n: cubic_schedule(a, steps, initial_amount) for n, a in amounts.items()}
+        for t in range(steps):
+            model = prune(model, {n: s[t] for n, s in per_layer.items()}, criterion, granularity, scope, data,
+                          **kwargs)
+            out = fine_tune(model, t)
+            model = model if out is None else out
+        return model
     targets = cubic_schedule(final_amount, steps, initial_amount)
     prev = initial_amount
     for t, s in enumerate(targets):

@@ -10,10 +10,15 @@ and ReLU6 runs as a quantized op. Weights are per-channel symmetric int8; activa
 Backends: 'auto' / 'x86' / 'fbgemm' are the eager torch.ao engines above; 'x86_pt2e' and 'xnnpack'
 run torchao's PT2E flow (zoo.compress.pt2e: X86InductorQuantizer / ExecuTorch's XNNPACKQuantizer),
 whose result is a torch.fx graph, stored and reloaded exactly by zoo.compress.save / load too.
-Why 'auto' stays eager: it is the only int8 model that is fast as an ordinary module in Python. An
-x86_pt2e graph reaches its speed only after compile_x86 (torch.compile with inductor freezing, a
-compile per loaded model), and xnnpack is fast only inside ExecuTorch (zoo.export.to_executorch);
-benchmarks/bench_int8.py times every backend side by side (benchmarks/int8.md).
+Why 'auto' stays eager (measured by benchmarks/bench_int8.py, batch 1, 224 px, 2 threads; benchmarks/int8.md):
+it is the only int8 model that is fast as an ordinary module in Python. On ResNet-18 it is the fastest
+of every runtime (7.9 ms; PT2E + inductor 8.0, ONNX Runtime 8.0, ExecuTorch 9.7; 76.7 vs 90.3 ms at
+batch 32). On MobileNet v1/v2 and SqueezeNet an x86_pt2e graph is 3-15 % faster in-process, but only
+after compile_x86 (torch.compile with inductor freezing, a compile per loaded model); xnnpack is fast
+only inside ExecuTorch (zoo.export.to_executorch). On ShuffleNet v1/v2 eager int8 is no faster than
+fp32 (22.2 vs 21.2 ms; 29.4 vs 24.4 ms): deploy those, and the others, through the
+runtime `zoo.deploy.recommended_int8(model)` names for each family (ExecuTorch for ShuffleNet v2,
+MobileNet v2 and SqueezeNet; ONNX Runtime for ShuffleNet v1 and MobileNet v1; eager for ResNet).
 The eager torch.ao flow is deprecated upstream: its warnings are silenced in `_common.quiet` (the one
 place zoo calls it through), and removing it means deleting the eager branch of `quantize`/`rebuild`.
 """
@@ -29,7 +34,8 @@ from torch.nn.utils import parametrize
 
 from zoo.compress._common import (add_step, batches, check_choice, check_model, copy_model, device_of,
                                   eval_mode, example_input, get_module, has_parametrizations, is_quantized_model,
-                                  quiet, resolve_protect, steps, weight_layers)
+                                  quiet, resolve_protect, set_steps, steps,
+                                  weight_layers)
 from zoo.compress import pt2e
 from zoo.compress.pruning import make_permanent, masked_layers
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight, WEIGHT_QUANTIZERS
@@ -242,12 +248,12 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise ZooError("convert: expected a model returned by quantize(method='qat') and not yet converted")
     if st[-1]["backend"] in pt2e.PT2E_BACKENDS:
         out = pt2e.copy_attrs(model, pt2e.convert_qat(copy_model(model, inplace)))  # a deep copy drops them
-        out.zoo_compression = st[:-1] + [dict(st[-1], converted=True)]
+        set_steps(out, st[:-1] + [dict(st[-1], converted=True)])
         return out
     model = copy_model(model, inplace)
     _engine(st[-1]["backend"])
     _convert(model)
-    model.zoo_compression = st[:-1] + [dict(st[-1], converted=True)]
+    set_steps(model, st[:-1] + [dict(st[-1], converted=True)])
     return model
 
 

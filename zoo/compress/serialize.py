@@ -1,4 +1,7 @@
-"""Pickle-free storage of compressed models: safetensors tensors plus the spec in the header.
+"""The tensor codec of compressed models, and `build_from_spec`, which replays a spec's compression steps.
+
+Checkpoint files are read and written by zoo.weights.checkpoint (the one loader and writer); it calls
+`encode_state` to store a compressed model and `build_from_spec` + `load_state` to rebuild one.
 
 The state dict of a compressed model holds things safetensors cannot store (int8 quantized tensors,
 packed-parameter tuples, dtypes) or stores wastefully (binary weights as float32). `encode_state`
@@ -30,7 +33,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from zoo._registry import MAX_PARAMS, check_param_budget, create, meta_model
-from zoo.compress._common import has_parametrizations, is_quantized_model, steps
+from zoo.compress._common import has_parametrizations, is_quantized_model, set_steps, steps
 from zoo.compress.lowrank import rebuild as lowrank_rebuild
 from zoo.compress import pt2e
 from zoo.compress.pruning import WeightMask, register_masks
@@ -38,7 +41,8 @@ from zoo.compress.quantization import rebuild as quant_rebuild
 from zoo.compress.surgery import rebuild_structure
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight
 from zoo.errors import ZooError
-from zoo.untrusted import check_flag, check_spec, clip, load_tensors, read_header, short_repr
+from zoo.spec import model_name
+from zoo.untrusted import check_spec, clip, short_repr
 
 _DTYPES = [torch.qint8, torch.quint8, torch.qint32, torch.float32, torch.float16, torch.bfloat16, torch.float64,
            torch.int8, torch.uint8, torch.int32, torch.int64]
@@ -286,7 +290,7 @@ def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> nn.Module:
     except ZooError:
         raise
     except _REBUILD_ERRORS as e:
-        raise ZooError(f"spec: compression step {i} ({kind}) does not fit {getattr(model, 'zoo_name', 'the model')}: "
+        raise ZooError(f"spec: compression step {i} ({kind}) does not fit {model_name(model)}: "
                        f"{type(e).__name__}: {clip(str(e), 160)}") from None
 
 
@@ -309,41 +313,6 @@ def build_from_spec(spec: dict[str, Any], max_params: int = MAX_PARAMS) -> nn.Mo
     model = create(spec["name"], **kwargs)
     for i, step in enumerate(steps_):
         model = _apply_step(model, i, step)
-    model.zoo_compression = list(steps_)
+    set_steps(model, steps_)
     install_decoder(model)
-    return model
-
-
-def save(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> None:
-    """Save a (compressed) zoo model: encoded tensors + spec in the safetensors header."""
-    from zoo.io import save_model
-
-    save_model(model, path, extra)
-
-
-def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """The `zoo.spec` JSON of a checked safetensors file (no pickles, bounded header)."""
-    meta, _ = read_header(path)
-    if "spec" not in meta:
-        raise ZooError(f"{os.fspath(path)!r} has no zoo.spec header; it was not saved by zoo")
-    return check_spec(meta["spec"], f"weights file {os.fspath(path)!r}")
-
-
-def load(path: str | os.PathLike, allow_nonfinite: bool = False) -> nn.Module:
-    """Rebuild a saved zoo model (compressed or not) from its spec and load its exact weights.
-
-    NaN/inf tensors are refused unless `allow_nonfinite=True`.
-    """
-    check_flag("allow_nonfinite", allow_nonfinite)
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise ZooError(f"load: no such file {short_repr(os.fspath(path) if isinstance(path, os.PathLike) else path)}")
-    model = build_from_spec(read_spec(path), max_params=params_budget(path))
-    try:
-        load_state(model, load_tensors(path, allow_nonfinite=allow_nonfinite), strict=True)
-    except RuntimeError as e:
-        raise ZooError(f"weights file {os.fspath(path)!r} does not load into the model its spec describes: "
-                       f"{clip(str(e), 240)}") from None
-    if is_quantized_model(model) and not any(s.get("method") == "qat" and not s.get("converted")
-                                              for s in steps(model)):
-        model.eval()
     return model

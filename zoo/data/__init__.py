@@ -28,11 +28,11 @@ __all__ = ["DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "EpochSam
 
 DATASETS: dict[str, str] = {
     "digits": "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)",
-    "mnist": "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or ../shared/data/mnist)",
-    "fashion_mnist": "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or ../shared/data/fashion_mnist)",
+    "mnist": "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or $ZOO_DATA/mnist)",
+    "fashion_mnist": "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or $ZOO_DATA/fashion_mnist)",
     "cifar10": "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 copy's "
-               "train.npz/test.npz (root, $ZOO_CIFAR10 or ../shared/data/cifar10)",
-    "cifar100": "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or ../shared/data/cifar100)",
+               "train.npz/test.npz (root, $ZOO_CIFAR10 or $ZOO_DATA/cifar10)",
+    "cifar100": "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or $ZOO_DATA/cifar100)",
     "imagefolder": "your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*",
 }
 QUICK_TRAIN, QUICK_VAL = 256, 128  # quick=True: class-balanced subsets of this many images

@@ -1,6 +1,10 @@
 """Array datasets of the zoo: scikit-learn digits (embedded), MNIST (LeCun et al. 1998) and Fashion-MNIST
 (Xiao et al. 2017) from IDX files, CIFAR-10/100 (Krizhevsky 2009) read through torchvision, and the
-CIFAR-10 JPEG q75 copy of ../shared/data/cifar10 (train.npz / test.npz).
+CIFAR-10 JPEG q75 copy of the shared data's cifar10/ (train.npz / test.npz).
+
+Files outside the package are found through the data root: $ZOO_DATA (the CLI's `zoo --data-root DIR`
+sets it), or a per-dataset variable ($ZOO_MNIST, $ZOO_CIFAR10, ...), or a `root` argument; never through a
+path relative to the package or the checkout.
 
 Each reader returns an `ArraySource`: uint8 images (N, C, H, W) with labels for train and val.
 """
@@ -22,7 +26,7 @@ from PIL import Image
 from zoo.errors import ZooError
 from zoo.data.common import stratified_split
 
-REPO = Path(__file__).resolve().parents[2]
+DATA_ENV = "ZOO_DATA"
 
 
 @dataclass
@@ -41,9 +45,12 @@ class ArraySource:
 
 
 def data_root() -> Path:
-    """Base folder of the datasets: $ZOO_DATA, else <repo>/../shared/data."""
-    env = os.environ.get("ZOO_DATA")
-    return Path(env) if env else REPO.parent / "shared" / "data"
+    """Base folder of the shared datasets: $ZOO_DATA; a ZooError naming it when it is not set."""
+    env = os.environ.get(DATA_ENV)
+    if not env:
+        raise ZooError(f"no data folder: ${DATA_ENV} is not set; set it (or pass `zoo --data-root DIR`) to the "
+                       "folder holding the shared datasets (mnist/, fashion_mnist/, cifar10/, pretrained/)")
+    return Path(env).expanduser()
 
 
 def _split_arrays(x: torch.Tensor, y: np.ndarray, val_fraction: float, names: list[str]) -> tuple:

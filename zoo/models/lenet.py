@@ -15,8 +15,8 @@ from zoo.layers import ZooModel
 class MLP(ZooModel):
     """Fully connected net: flatten -> [Linear -> ReLU -> Dropout] x len(hidden) -> Linear."""
 
-    def __init__(self, hidden: tuple[int, ...] = (300, 100), resolution: int = 28, num_classes: int = 10,
-                 in_chans: int = 1, drop_rate: float = 0.0):
+    def __init__(self, *, hidden: tuple[int, ...], resolution: int, num_classes: int, in_chans: int,
+                 drop_rate: float):
         super().__init__(in_chans, min_input_size=resolution, fixed_input_size=resolution)
         layers: list[nn.Module] = [nn.Flatten(1)]  # (N, C*H*W)
         prev = in_chans * resolution * resolution
@@ -49,7 +49,7 @@ class LeNet5(ZooModel):
     Like Caffe's model there is no non-linearity after the convolutions, only after the 500-unit layer.
     """
 
-    def __init__(self, resolution: int = 28, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0):
+    def __init__(self, *, resolution: int, num_classes: int, in_chans: int, drop_rate: float):
         super().__init__(in_chans, min_input_size=resolution, fixed_input_size=resolution)
         side = ((resolution - 4) // 2 - 4) // 2
         self.features = nn.Sequential(
@@ -97,10 +97,10 @@ _MNIST_ARGS = {
     default_resolution=28, min_resolution=4, fixed_resolution=True,
     description="Two hidden fully connected layers of 300 and 100 units.",
 ))
-def lenet_300_100(resolution: int = 28, num_classes: int = 10, in_chans: int = 1,
-                  drop_rate: float = 0.0) -> MLP:
+def lenet_300_100(*, resolution: int, num_classes: int, in_chans: int, drop_rate: float) -> MLP:
     """LeNet-300-100 (Han et al. 2015): 784-300-100-10 at 28 px, one channel."""
-    return MLP((300, 100), resolution, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return MLP(hidden=(300, 100), resolution=resolution, num_classes=num_classes, in_chans=in_chans,
+               drop_rate=drop_rate)
 
 
 @register_model(ModelCard(
@@ -111,9 +111,9 @@ def lenet_300_100(resolution: int = 28, num_classes: int = 10, in_chans: int = 1
     default_resolution=28, min_resolution=16, fixed_resolution=True,
     description="Caffe LeNet-5: 20 and 50 5x5 conv filters, a 500-unit fc layer.",
 ))
-def lenet5(resolution: int = 28, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0) -> LeNet5:
+def lenet5(*, resolution: int, num_classes: int, in_chans: int, drop_rate: float) -> LeNet5:
     """Caffe LeNet-5 as pruned by Han et al. 2015."""
-    return LeNet5(resolution, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return LeNet5(resolution=resolution, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
 
 
 @register_model(ModelCard(
@@ -124,7 +124,6 @@ def lenet5(resolution: int = 28, num_classes: int = 10, in_chans: int = 1, drop_
     default_resolution=28, min_resolution=4, fixed_resolution=True,
     description="Fully connected net on flattened images.",
 ))
-def mlp(hidden: tuple[int, ...] = (300, 100), resolution: int = 28, num_classes: int = 10, in_chans: int = 1,
-        drop_rate: float = 0.0) -> MLP:
+def mlp(*, hidden: tuple[int, ...], resolution: int, num_classes: int, in_chans: int, drop_rate: float) -> MLP:
     """Generic MLP with the given hidden sizes."""
-    return MLP(hidden, resolution, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
+    return MLP(hidden=hidden, resolution=resolution, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)

@@ -30,8 +30,8 @@ STEM_STRIDE: dict[str, int] = {"imagenet": 2, "cifar": 1}
 class MobileNetV1(ZooModel):
     """MobileNet v1 with a width multiplier applied to every layer, stem and last layer included."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 act: str = "relu", stem: str = "imagenet", padding: str = "symmetric"):
+    def __init__(self, *, width: float, num_classes: int, in_chans: int, drop_rate: float, act: str, stem: str,
+                 padding: str):
         super().__init__(in_chans, min_input_size=32)
         ch = lambda c: make_divisible(c * width, 8)  # noqa: E731
         # (N, 32a, H/2, W/2) ImageNet
@@ -95,9 +95,8 @@ CARD = ModelCard(
 
 
 @register_model(CARD)
-def mobilenet_v1(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, act: str = "relu", stem: str = "imagenet",
-                 padding: str = "symmetric") -> MobileNetV1:
+def mobilenet_v1(*, width: float, resolution: int, num_classes: int, in_chans: int, drop_rate: float, act: str,
+                 stem: str, padding: str) -> MobileNetV1:
     """MobileNet v1 (Howard et al. 2017); `resolution` sets the default input size, `stem` the stem stride."""
     return MobileNetV1(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, act=act,
                        stem=stem, padding=padding)

@@ -35,8 +35,7 @@ STEMS: dict[str, tuple[int, tuple[tuple[int, int, int, int], ...]]] = {
 class MobileNetV2(ZooModel):
     """MobileNet v2: stem, 17 inverted residual blocks, 1x1 conv to 1280 (scaled up only for width > 1)."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.2,
-                 stem: str = "imagenet", padding: str = "symmetric"):
+    def __init__(self, *, width: float, num_classes: int, in_chans: int, drop_rate: float, stem: str, padding: str):
         super().__init__(in_chans, min_input_size=32)
         stem_stride, cfg = STEMS[stem]
         prev = make_divisible(32 * width, 8)
@@ -94,8 +93,8 @@ CARD = ModelCard(
 
 
 @register_model(CARD)
-def mobilenet_v2(width: float = 1.0, resolution: int = 224, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.2, stem: str = "imagenet", padding: str = "symmetric") -> MobileNetV2:
+def mobilenet_v2(*, width: float, resolution: int, num_classes: int, in_chans: int, drop_rate: float, stem: str,
+                 padding: str) -> MobileNetV2:
     """MobileNet v2 (Sandler et al. 2018); `resolution` sets the default input size, `stem` the early strides."""
     return MobileNetV2(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem,
                        padding=padding)

@@ -20,8 +20,8 @@ class ResNet(ZooModel):
     """ResNet with an ImageNet stem (7x7/2 conv + 3x3/2 max-pool) or a CIFAR stem (3x3/1 conv)."""
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...],
-                 widths: tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet",
-                 num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0, shortcut: str = "B"):
+                 widths: tuple[int, ...] = (64, 128, 256, 512), stem: str = "imagenet", *,
+                 num_classes: int, in_chans: int, drop_rate: float, shortcut: str = "B"):
         super().__init__(in_chans, min_input_size=32 if stem == "imagenet" else 8)
         if shortcut != "B" and block is not BasicBlock:
             raise ValueError(f"shortcut={shortcut!r}: option-A shortcuts exist for basic blocks only")
@@ -83,7 +83,7 @@ def _register_imagenet(name: str, block, layers, params: int, macs: int | None) 
     )
 
     @register_model(card)
-    def entry(num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0) -> ResNet:
+    def entry(*, num_classes: int, in_chans: int, drop_rate: float) -> ResNet:
         return ResNet(block, layers, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
 
     entry.__name__ = entry.__qualname__ = name
@@ -103,7 +103,7 @@ def _register_cifar(name: str, n: int, params: int, macs: int) -> None:
     )
 
     @register_model(card)
-    def entry(num_classes: int = 10, in_chans: int = 3, drop_rate: float = 0.0, shortcut: str = "A") -> ResNet:
+    def entry(*, num_classes: int, in_chans: int, drop_rate: float, shortcut: str) -> ResNet:
         return ResNet(BasicBlock, (n, n, n), widths=(16, 32, 64), stem="cifar", num_classes=num_classes,
                       in_chans=in_chans, drop_rate=drop_rate, shortcut=shortcut)
 

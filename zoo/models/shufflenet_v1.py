@@ -40,8 +40,8 @@ class ShuffleNetV1(ZooModel):
     unless `stem_channels` (a multiple of g) fixes it.
     """
 
-    def __init__(self, groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, stem: str = "imagenet", stem_channels: int = 0):
+    def __init__(self, *, groups: int, width: float, num_classes: int, in_chans: int, drop_rate: float, stem: str,
+                 stem_channels: int):
         super().__init__(in_chans, min_input_size=32)
         imagenet = stem == "imagenet"
         chs = stem_channels or stem_width(width, groups)
@@ -102,8 +102,8 @@ CARD = ModelCard(
 
 
 @register_model(CARD)
-def shufflenet_v1(groups: int = 3, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.0, stem: str = "imagenet", stem_channels: int = 0) -> ShuffleNetV1:
+def shufflenet_v1(*, groups: int, width: float, num_classes: int, in_chans: int, drop_rate: float, stem: str,
+                  stem_channels: int) -> ShuffleNetV1:
     """ShuffleNet v1 (Zhang et al. 2017) with `groups` in {1,2,3,4,8}, width in {0.25,...,2.0} and a stem."""
     return ShuffleNetV1(groups=groups, width=width, num_classes=num_classes, in_chans=in_chans,
                         drop_rate=drop_rate, stem=stem, stem_channels=stem_channels)

@@ -29,8 +29,7 @@ STEMS = ("imagenet", "cifar")  # cifar: stride-1 stem conv and no stem max-pool
 class ShuffleNetV2(ZooModel):
     """ShuffleNet v2: stem + max-pool, three stages of units, 1x1 conv5, global pool, classifier."""
 
-    def __init__(self, width: float = 1.0, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
-                 stem: str = "imagenet"):
+    def __init__(self, *, width: float, num_classes: int, in_chans: int, drop_rate: float, stem: str):
         super().__init__(in_chans, min_input_size=32)
         chs = CHANNELS[width]
         imagenet = stem == "imagenet"
@@ -82,7 +81,6 @@ CARD = ModelCard(
 
 
 @register_model(CARD)
-def shufflenet_v2(width: float = 1.0, num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.0, stem: str = "imagenet") -> ShuffleNetV2:
+def shufflenet_v2(*, width: float, num_classes: int, in_chans: int, drop_rate: float, stem: str) -> ShuffleNetV2:
     """ShuffleNet v2 (Ma et al. 2018) at width 0.5, 1.0, 1.5 or 2.0, with an ImageNet or CIFAR stem."""
     return ShuffleNetV2(width=width, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)

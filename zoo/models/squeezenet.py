@@ -30,8 +30,7 @@ STEM_CONV: dict[str, tuple[int, int | None]] = {"imagenet": (2, 0), "cifar": (1,
 class SqueezeNet(ZooModel):
     """SqueezeNet 1.0/1.1 with a conv classifier (dropout, 1x1 conv, ReLU, global average pool)."""
 
-    def __init__(self, version: str = "1_0", bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.5, stem: str = "imagenet"):
+    def __init__(self, version: str, *, bypass: str, num_classes: int, in_chans: int, drop_rate: float, stem: str):
         super().__init__(in_chans, min_input_size=32)
         stride, pad = STEM_CONV[stem]
         # ImageNet: (N, C, (H-k)/2+1, .); CIFAR: (N, C, H, W)
@@ -108,15 +107,15 @@ def _card(name: str, params: int, macs: int, note: str) -> ModelCard:
 
 
 @register_model(_card("squeezenet1_0", 1_248_424, 819_000_000, "SqueezeNet 1.0: 7x7 stem, Fire modules."))
-def squeezenet1_0(bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.5, stem: str = "imagenet") -> SqueezeNet:
+def squeezenet1_0(*, bypass: str, num_classes: int, in_chans: int, drop_rate: float, stem: str) -> SqueezeNet:
     """SqueezeNet 1.0 (Iandola et al. 2016)."""
-    return SqueezeNet("1_0", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)
+    return SqueezeNet("1_0", bypass=bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                      stem=stem)
 
 
 @register_model(_card("squeezenet1_1", 1_235_496, 349_000_000,
                       "SqueezeNet 1.1: 3x3 stem and earlier pooling, 2.4x fewer MACs than 1.0."))
-def squeezenet1_1(bypass: str = "none", num_classes: int = 1000, in_chans: int = 3,
-                  drop_rate: float = 0.5, stem: str = "imagenet") -> SqueezeNet:
+def squeezenet1_1(*, bypass: str, num_classes: int, in_chans: int, drop_rate: float, stem: str) -> SqueezeNet:
     """SqueezeNet 1.1 (the SqueezeNet repository's v1.1 architecture)."""
-    return SqueezeNet("1_1", bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, stem=stem)
+    return SqueezeNet("1_1", bypass=bypass, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                      stem=stem)

@@ -2,20 +2,27 @@
 the recipe file and key path, typed getters), value helpers for messages, and the model-kwargs checks
 against a recipe's dataset (`check_model_kwargs`, `fill_kwargs`).
 
-Depends only on the registry, zoo.errors and zoo.untrusted; zoo.recipe.schema builds on it.
+It also checks train-config mappings against zoo.train.TrainConfig (`check_train_config`, used by the
+stage types and by the recipe's `quick:` section) and builds the config a stage trains with (`train_config`).
+
+Depends only on the registry, zoo.train's config, zoo.errors and zoo.untrusted; zoo.recipe.schema builds on it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any
 
 from zoo._registry import model_args, model_card
 from zoo.errors import ZooError
+from zoo.train import TrainConfig
 from zoo.untrusted import short_repr
 
 DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
+# keys the engine sets itself; a recipe may not put them in a train section
+ENGINE_TRAIN_KEYS = {"seed": "set by the recipe's `seeds` (or the stage's `seed`)"}
 
 
 class RecipeError(ZooError):
@@ -130,3 +137,67 @@ def fill_kwargs(model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
     if "resolution" in args:
         out["resolution"] = h
     return out
+
+
+# --------------------------------------------------------------------------- train configs
+
+
+def dataclass_defaults(cls: type) -> dict[str, Any]:
+    """Field name -> default of a dataclass (None for a field without one)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+        else:
+            out[f.name] = None
+    return out
+
+
+def check_like_defaults(chk: Checker, path: str, d: dict, defaults: dict[str, Any], what: str) -> None:
+    """Unknown keys and the basic type of each value (judged from the dataclass default)."""
+    for k, v in d.items():
+        if k not in defaults:
+            raise chk.fail(f"{path}.{k}", f"unknown {what} key; allowed: " + ", ".join(defaults))
+        default = defaults[k]
+        if isinstance(default, bool):
+            chk.typed(v, f"{path}.{k}", "bool")
+        elif isinstance(default, int) and not isinstance(v, float):
+            chk.typed(v, f"{path}.{k}", "int")
+        elif isinstance(default, float):
+            chk.typed(v, f"{path}.{k}", "float")
+        elif isinstance(default, str):
+            chk.typed(v, f"{path}.{k}", "str")
+
+
+def build_checked(chk: Checker, path: str, cls: type, d: dict) -> Any:
+    """`cls.from_dict(d)` (or `cls(**d)`), its error re-raised at the key path the message names."""
+    try:
+        if hasattr(cls, "from_dict"):
+            return cls.from_dict(dict(d))
+        return cls(**d)
+    except (ZooError, ValueError, TypeError) as e:
+        msg = str(e)
+        # the key the message is about: named as `key=`, `'key'` or `key ` (longest match wins)
+        key = next((k for k in sorted(d, key=len, reverse=True)
+                    if re.search(rf"(?<![\w]){re.escape(k)}(=|'|\s)", msg)), None)
+        raise chk.fail(f"{path}.{key}" if key else path, msg) from None
+
+
+def check_train_config(chk: Checker, path: str, d: dict, partial: bool = False) -> dict[str, Any]:
+    """Validate a train-config mapping against zoo.train.TrainConfig; return it as a plain dict."""
+    chk.mapping(d, path)
+    for k in d:
+        if k in ENGINE_TRAIN_KEYS:
+            raise chk.fail(f"{path}.{k}", f"not allowed here: {ENGINE_TRAIN_KEYS[k]}")
+    defaults = {k: v for k, v in dataclass_defaults(TrainConfig).items() if k not in ENGINE_TRAIN_KEYS}
+    check_like_defaults(chk, path, d, defaults, "train")
+    if not partial:
+        build_checked(chk, path, TrainConfig, {"progress": False, **d})  # values and their combinations
+    return dict(d)  # as written: the stage hash covers what the recipe says, not the code's defaults
+
+
+def train_config(train: dict[str, Any], seed: int) -> TrainConfig:
+    """The zoo.train.TrainConfig of a stage: its train section, quiet by default, with the run's seed."""
+    return TrainConfig.from_dict({"progress": False, **train, "seed": seed})

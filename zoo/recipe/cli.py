@@ -5,30 +5,28 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
+from zoo.errors import ZooError
+from zoo.recipe.engine import committed_paths
+from zoo.recipe.report import check_recipe, run_recipe
+from zoo.recipe.schema import load_recipe
+
 
 def _threads(args: argparse.Namespace) -> None:
     if args.threads is not None:
         if args.threads < 1:
-            from zoo.errors import ZooError
-
             raise ZooError(f"--threads {args.threads} is not allowed; expected an int >= 1")
-        import torch
-
         torch.set_num_threads(args.threads)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from zoo.recipe.engine import run_recipe
-
     _threads(args)
     run_recipe(args.file, out=args.out, quick=args.quick, write_table=args.write_table)
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from zoo.recipe.engine import check_recipe, committed_paths
-    from zoo.recipe.schema import load_recipe
-
     recipe = load_recipe(args.file)
     _threads(args)
     diffs = check_recipe(recipe, out=args.out, quick=args.quick)
@@ -44,8 +42,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from zoo.recipe.schema import load_recipe
-
     for f in args.files:
         r = load_recipe(f)
         print(f"{f}: ok ({r.name}: {len(r.stages)} stages, {len(r.seeds)} seed(s), {len(r.rows)} table rows)")

@@ -12,6 +12,9 @@ They transform the model of an earlier stage (`from:`) with zoo.compress:
 The optional `finetune:` block holds zoo.train.TrainConfig keys over `defaults.finetune` (`true`
 takes `defaults.finetune` as it is); `--quick` shortens it like every train section. The final model
 is evaluated on the held-out images after compression (for QAT: after conversion to int8).
+
+The option vocabularies (criteria, granularities, scopes, methods, backends, observers) are zoo.compress's;
+zoo.finetune's `--then` steps compile into these stages and run through these runners.
 """
 
 from __future__ import annotations
@@ -19,17 +22,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn as nn
 
-from zoo.compress.quantization import BACKENDS as QUANT_BACKENDS
-from zoo.recipe.schema import DEFAULT_SECTIONS, Checker, StageType, register_stage_type
+from zoo.compress import (BACKENDS, CRITERIA, GRANULARITIES, METHODS, OBSERVERS, SCOPES, convert, low_rank,
+                          make_permanent, prune, prune_iterative, quantize, snip, sparsity)
+from zoo.recipe.checks import Checker, check_train_config, train_config
+from zoo.recipe.registry import StageContext, StageType
+from zoo.train import evaluate, fit
 
-CRITERIA = ("magnitude", "taylor", "hessian", "loss_change", "random")
-GRANULARITIES = ("weight", "channel")
-SCOPES = ("global", "layer")
-SCHEDULES = ("one_shot", "iterative", "snip")
-METHODS = ("dynamic", "static", "qat", "binary", "ternary", "weights_kbit")
-BACKENDS = QUANT_BACKENDS  # zoo.compress.quantize: eager torch.ao engines and the torchao PT2E quantizers
-OBSERVERS = ("histogram", "minmax")
+SCHEDULES = ("one_shot", "iterative", "snip")  # prune, prune_iterative, snip of zoo.compress
+DEFAULT_BATCH_SIZE = 64  # images per batch of criterion / calibration data and of the evaluation
 FINETUNE_DOC = ("fine-tuning: zoo.train.TrainConfig keys over defaults.finetune (true: defaults.finetune as is; "
                 "absent or false: none)")
 
@@ -54,6 +56,8 @@ PRUNE_KEYS = {
 QUANT_KEYS = {
     "method": "one of " + ", ".join(METHODS),
     "calibration": "training batches used to calibrate static int8 (int >= 1; default 8)",
+    "batch_size": "images per batch of the static calibration, and of the evaluation without a finetune block "
+                  "(default 64)",
     "bits": "bits of weights_kbit (2..8)",
     "backend": "int8 engine: " + ", ".join(BACKENDS) + " (default auto)",
     "observer": "static activation observer: histogram (default) or minmax",
@@ -99,8 +103,6 @@ def _fraction(chk: Checker, stage: dict, path: str, key: str, closed_top: bool =
 
 def _finetune(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any] | None:
     """The stage's fine-tune TrainConfig (merged over defaults.finetune), or None for no fine-tuning."""
-    from zoo.recipe.stages import check_train_config
-
     base = check_train_config(chk, "defaults.finetune", defaults.get("finetune", {}) or {}, partial=True)
     v = stage.get("finetune")
     if v is None or v is False:
@@ -159,7 +161,7 @@ def _validate_prune(chk: Checker, path: str, stage: dict, defaults: dict) -> dic
         "scope": _choice(chk, stage, path, "scope", SCOPES, "global"), "schedule": schedule,
         "steps": _int(chk, stage, path, "steps", 3, 1) if schedule == "iterative" else None,
         "protect": _protect(chk, stage, path), "batches": _int(chk, stage, path, "batches", 4, 1),
-        "batch_size": _int(chk, stage, path, "batch_size", 64, 1),
+        "batch_size": _int(chk, stage, path, "batch_size", DEFAULT_BATCH_SIZE, 1),
     }
     if "round_to" in stage:  # only when given: the options hash of existing recipes stays the same
         out["round_to"] = _int(chk, stage, path, "round_to", None, 1)
@@ -195,6 +197,8 @@ def _validate_quantize(chk: Checker, path: str, stage: dict, defaults: dict) -> 
         "observer": _choice(chk, stage, path, "observer", OBSERVERS, "histogram"),
         "protect": _protect(chk, stage, path),
     }
+    if "batch_size" in stage:  # only when given: the options hash of existing recipes stays the same
+        out["batch_size"] = _int(chk, stage, path, "batch_size", None, 1)
     if ft is not None:
         out["train"] = ft
     return out
@@ -216,7 +220,8 @@ def _validate_lowrank(chk: Checker, path: str, stage: dict, defaults: dict) -> d
 # --------------------------------------------------------------------------- runners
 
 
-def _train_batches(ctx: Any, n: int, batch_size: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _train_batches(ctx: StageContext, n: int, batch_size: int = DEFAULT_BATCH_SIZE
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first n batches of the stage's (seed-shuffled) training loader, for criteria and calibration."""
     train_loader, _, _ = ctx.loaders(batch_size)
     out = []
@@ -227,27 +232,30 @@ def _train_batches(ctx: Any, n: int, batch_size: int = 64) -> list[tuple[torch.T
     return out
 
 
-def _finetune_run(ctx: Any, model: torch.nn.Module, sub: str) -> dict[str, Any]:
+def _finetune_run(ctx: StageContext, model: nn.Module, sub: str) -> dict[str, Any]:
     """Fine-tune in place with the stage's finetune config (checkpoints in <stage dir>/<sub>)."""
-    from zoo.recipe.stages import train_config
-    from zoo.train import fit
-
     cfg = train_config(ctx.options["train"], ctx.seed)
     train_loader, val_loader, _ = ctx.loaders(cfg.batch_size)
-    result = fit(model, train_loader, val_loader, cfg, out_dir=ctx.dir / sub, resume=False, meta=ctx.meta)
+    result = fit(model, train_loader, val_loader, cfg, out_dir=None if ctx.dir is None else ctx.dir / sub,
+                 resume=False, meta=ctx.meta)
+    ctx.report.setdefault("finetunes", []).append(result)
     return {"epochs": len(result.history), "top1": float(result.final["top1"])}
 
 
-def _evaluate(ctx: Any, model: torch.nn.Module) -> dict[str, float]:
-    from zoo.train import evaluate
-
-    _, val_loader, _ = ctx.loaders(ctx.options.get("train", {}).get("batch_size", 64))
+def _evaluate(ctx: StageContext, model: nn.Module) -> dict[str, float]:
+    """Validation metrics on the CPU, in batches of the fine-tune (else of a static quantize's calibration)."""
+    o = ctx.options
+    if "train" in o:
+        batch_size = o["train"].get("batch_size", DEFAULT_BATCH_SIZE)
+    else:
+        batch_size = o.get("batch_size", DEFAULT_BATCH_SIZE) if ctx.spec.type == "quantize" else DEFAULT_BATCH_SIZE
+    _, val_loader, _ = ctx.loaders(batch_size)
     return evaluate(model.cpu(), val_loader, torch.device("cpu"))
 
 
-def _metrics(ctx: Any, model: torch.nn.Module, before: dict[str, float] | None, ft_epochs: int) -> dict[str, Any]:
-    from zoo.compress import sparsity
-
+def _metrics(ctx: StageContext, model: nn.Module, before: dict[str, float] | None, ft_epochs: int
+             ) -> dict[str, Any]:
+    """The stage's metrics: validation top-1/top-5/loss, top-1 before the fine-tune, its epochs, sparsity."""
     m = _evaluate(ctx, model)
     out: dict[str, Any] = {k: float(m[k]) for k in ("top1", "top5", "loss")}
     if before is not None:
@@ -257,10 +265,15 @@ def _metrics(ctx: Any, model: torch.nn.Module, before: dict[str, float] | None, 
     return out
 
 
-def run_prune(ctx: Any) -> tuple[Any, dict[str, Any]]:
-    """Prune the `from` model (one-shot, iterative or SNIP at initialisation), fine-tune, bake the masks."""
-    from zoo.compress import make_permanent, prune, prune_iterative, snip
+def _example(ctx: StageContext) -> torch.Tensor:
+    return torch.zeros(1, *ctx.input_size)
 
+
+def run_prune(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    """Prune the `from` model (one-shot, iterative or SNIP at initialisation), fine-tune, bake the masks.
+
+    A layer-wise amount (a mapping layer path -> fraction) goes to zoo.compress as it is: each listed layer
+    is pruned to its own fraction (iterative: on its own cubic schedule), the others stay dense."""
     o = ctx.options
     data_needed = o["criterion"] in ("taylor", "hessian", "loss_change")
     data = _train_batches(ctx, o["batches"], o["batch_size"]) if data_needed else None
@@ -269,78 +282,40 @@ def run_prune(ctx: Any) -> tuple[Any, dict[str, Any]]:
         kw["protect"] = o["protect"]
     if o.get("round_to") is not None:
         kw["round_to"] = o["round_to"]
-    ft_epochs = 0
+    before, ft_epochs = None, 0
     if o["schedule"] == "snip":
-        from zoo._registry import create
-        from zoo.recipe.schema import fill_kwargs
-
-        torch.manual_seed(ctx.seed)  # a fresh network of the `from` architecture, initialised like a train stage
-        fresh = create(ctx.spec.model, **fill_kwargs(ctx.spec.model, ctx.spec.kwargs, ctx.run.dataset))
-        model = snip(fresh, o["amount"], data=_train_batches(ctx, 1, o["batch_size"]), protect=o["protect"])
-        before = None
+        # a fresh network of the `from` architecture, initialised like a train stage
+        model = snip(ctx.fresh_model(), o["amount"], data=_train_batches(ctx, 1, o["batch_size"]),
+                     protect=o["protect"])
         ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
-    elif isinstance(o["amount"], dict):
-        model, before, ft_epochs = _prune_layerwise(ctx, ctx.initial_model(), o, data, kw)
     elif o["schedule"] == "iterative":
-        source = ctx.initial_model()
 
-        def fine_tune(m: torch.nn.Module, step: int) -> None:
+        def fine_tune(m: nn.Module, step: int) -> None:
             nonlocal ft_epochs
             ft_epochs += _finetune_run(ctx, m, f"finetune_step{step + 1}")["epochs"]
 
-        before = None
-        model = prune_iterative(source, o["amount"], o["steps"], fine_tune, o["criterion"], o["granularity"],
-                                o["scope"], data, example_inputs=_example(ctx), **kw)
+        model = prune_iterative(ctx.initial_model(), o["amount"], o["steps"], fine_tune, o["criterion"],
+                                o["granularity"], o["scope"], data, example_inputs=_example(ctx), **kw)
     else:
         model = prune(ctx.initial_model(), o["amount"], o["criterion"], o["granularity"], o["scope"], data=data,
                       example_inputs=_example(ctx), **kw)
-        before = _evaluate(ctx, model) if "train" in o else None
         if "train" in o:
+            before = _evaluate(ctx, model)
             ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
     # masks -> plain weights with real zeros (a no-op for channel pruning); reported with sparse storage
     model = make_permanent(model.cpu())
     return model, _metrics(ctx, model, before, ft_epochs)
 
 
-def _prune_layerwise(ctx: Any, model: torch.nn.Module, o: dict[str, Any], data: Any, kw: dict[str, Any]
-                     ) -> tuple[torch.nn.Module, dict[str, float] | None, int]:
-    """Prune each listed layer to its own fraction (one-shot, or on its own cubic schedule when iterative)."""
-    from zoo.compress import cubic_schedule, prunable_layers, prune
-    from zoo.errors import ZooError
-
-    layers = [n for n, _ in prunable_layers(model, protect=())]
-    for name in o["amount"]:
-        if name not in layers:
-            raise ZooError(f"stage {ctx.name}: amount names layer {name!r}, which is not a conv/linear layer of "
-                           f"{ctx.spec.model}; its layers: " + ", ".join(layers))
-    n_steps = o["steps"] if o["schedule"] == "iterative" else 1
-    targets = {n: cubic_schedule(a, n_steps) for n, a in o["amount"].items()}
-    before, ft_epochs = None, 0
-    for t in range(n_steps):
-        for name in o["amount"]:
-            others = [n for n in layers if n != name]
-            model = prune(model, targets[name][t], o["criterion"], "weight", "layer", data,
-                          **{**kw, "protect": others})
-        if "train" in o:
-            if n_steps == 1:
-                before = _evaluate(ctx, model)
-            ft_epochs += _finetune_run(ctx, model, f"finetune_step{t + 1}" if n_steps > 1 else "finetune")["epochs"]
-    return model, before, ft_epochs
-
-
-def _example(ctx: Any) -> torch.Tensor:
-    return torch.zeros(1, *ctx.input_size)
-
-
-def run_quantize(ctx: Any) -> tuple[Any, dict[str, Any]]:
+def run_quantize(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize the `from` model: int8 post-training, QAT (fine-tune, then convert) or STE weights."""
-    from zoo.compress import convert, quantize
-
     o = ctx.options
     source = ctx.initial_model().cpu()
     kw: dict[str, Any] = {"backend": o["backend"]}
     if o["method"] == "static":
-        kw.update(calibration=_train_batches(ctx, o["calibration"]), observer=o["observer"])
+        calibration = _train_batches(ctx, o["calibration"], o.get("batch_size", DEFAULT_BATCH_SIZE))
+        ctx.report["calibration_images"] = sum(int(x.shape[0]) for x, _ in calibration)
+        kw.update(calibration=calibration, observer=o["observer"])
     if o["method"] == "weights_kbit":
         kw["bits"] = o["bits"]
     if o["protect"] is not None:
@@ -357,10 +332,8 @@ def run_quantize(ctx: Any) -> tuple[Any, dict[str, Any]]:
     return model, _metrics(ctx, model, before, ft_epochs)
 
 
-def run_lowrank(ctx: Any) -> tuple[Any, dict[str, Any]]:
+def run_lowrank(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     """Factorise the `from` model by rank or energy, then fine-tune it (optional)."""
-    from zoo.compress import low_rank
-
     o = ctx.options
     model = low_rank(ctx.initial_model().cpu(), rank=o["rank"], energy=o["energy"], example_inputs=_example(ctx))
     before, ft_epochs = None, 0
@@ -370,19 +343,14 @@ def run_lowrank(ctx: Any) -> tuple[Any, dict[str, Any]]:
     return model.cpu(), _metrics(ctx, model, before, ft_epochs)
 
 
-def register() -> None:
-    """Register the prune, quantize and lowrank stage types and the `defaults.finetune` section (once)."""
-    from zoo.recipe.schema import STAGE_TYPES
-    from zoo.recipe.stages import check_train_config
+PRUNE = StageType(name="prune", keys=PRUNE_KEYS, validate=_validate_prune, runner=run_prune, needs_model=False,
+                  doc="pruning (zoo.compress.prune) with optional fine-tuning")
+QUANTIZE = StageType(name="quantize", keys=QUANT_KEYS, validate=_validate_quantize, runner=run_quantize,
+                     needs_model=False, doc="quantization (zoo.compress.quantize) with optional QAT / STE fine-tuning")
+LOWRANK = StageType(name="lowrank", keys=LOWRANK_KEYS, validate=_validate_lowrank, runner=run_lowrank,
+                    needs_model=False, doc="low-rank factorisation (zoo.compress.low_rank) with optional fine-tuning")
 
-    if "prune" in STAGE_TYPES:
-        return
-    register_stage_type(StageType(name="prune", keys=PRUNE_KEYS, validate=_validate_prune, runner=run_prune,
-                                  needs_model=False, doc="pruning (zoo.compress.prune) with optional fine-tuning"))
-    register_stage_type(StageType(name="quantize", keys=QUANT_KEYS, validate=_validate_quantize,
-                                  runner=run_quantize, needs_model=False,
-                                  doc="quantization (zoo.compress.quantize) with optional QAT / STE fine-tuning"))
-    register_stage_type(StageType(name="lowrank", keys=LOWRANK_KEYS, validate=_validate_lowrank,
-                                  runner=run_lowrank, needs_model=False,
-                                  doc="low-rank factorisation (zoo.compress.low_rank) with optional fine-tuning"))
-    DEFAULT_SECTIONS["finetune"] = lambda chk, path, d: check_train_config(chk, path, d, partial=True)
+
+def check_finetune_defaults(chk: Checker, path: str, d: dict) -> dict[str, Any]:
+    """The `defaults.finetune` section: train-config keys, each checked on its own."""
+    return check_train_config(chk, path, d, partial=True)

@@ -1,9 +1,12 @@
 """The recipe engine: runs the stages of a validated recipe in dependency order, once per seed.
 
-Each stage run writes `<out>/<stage>/seed<k>/model.safetensors` (zoo.io.save_model, spec in the
+Each stage run writes `<out>/<stage>/seed<k>/model.safetensors` (zoo.weights.save_checkpoint, spec in the
 header) and, last, `done.json` holding its metrics and a hash of its config, the dataset, the seed
 and the hashes of its upstream stages; a re-run skips a stage whose done-marker hash matches, so a
 changed config (here or upstream) re-runs exactly the stages it affects.
+
+`run_stages` runs them and returns the stage records; zoo.recipe.report turns those into the table
+(`run_recipe`, `check_recipe`). Stage runners get a zoo.recipe.registry.StageContext built here.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from zoo.data import get_loaders
 from zoo.errors import ZooError
-from zoo.io import make_out_dir
-from zoo.recipe.schema import STAGE_TYPES, Recipe, StageSpec, fill_kwargs, load_recipe
+from zoo.recipe.checks import fill_kwargs, train_config
+from zoo.recipe.registry import STAGE_TYPES, Loaders, StageContext, StageSpec
+from zoo.recipe.schema import Recipe
 from zoo.untrusted import parse_json, read_text, short_repr
-from zoo.weights.checkpoint import read_checkpoint
-from zoo.weights.loading import build_from_checkpoint
+from zoo.weights.checkpoint import load_checkpoint as load_zoo_checkpoint, save_checkpoint
 
 ENGINE_VERSION = 1  # bump when a change makes old done-markers invalid
 HASH_EXCLUDE_TRAIN = ("progress",)  # options that do not change the result
@@ -78,15 +82,8 @@ def check_metrics(metrics: Any, where: str) -> dict[str, Any]:
 
 
 def load_checkpoint(path: Path) -> nn.Module:
-    """Rebuild a model saved by zoo.io.save_model (or zoo.compress.save): spec from the header, then the weights.
-
-    Every check of `zoo.create(weights=...)` applies (zoo.weights.loading): no pickles, bounded header, the
-    spec validated against the file before building, finite tensors; compressed models rebuild their steps.
-    """
-    ckpt = read_checkpoint(path)
-    if ckpt.spec is None:
-        raise ZooError(f"{path}: no zoo.spec in the safetensors header; not saved by zoo.io.save_model")
-    return build_from_checkpoint(ckpt)
+    """Rebuild a stage's model from its checkpoint through zoo.weights.checkpoint.load_checkpoint, the one loader."""
+    return load_zoo_checkpoint(path)
 
 
 class Run:
@@ -99,12 +96,10 @@ class Run:
         self.dataset = dict(recipe.dataset)
         self.info: Any = None
 
-    def loaders(self, batch_size: int, seed: int) -> tuple[Any, Any, Any]:
+    def loaders(self, batch_size: int, seed: int) -> Loaders:
         """(train_loader, val_loader, DatasetInfo); the split is fixed, `seed` only drives shuffling."""
         key = (batch_size, seed)
         if key not in self._loaders:
-            from zoo.data import get_loaders
-
             d = self.dataset
             self._loaders = {k: v for k, v in self._loaders.items() if k[1] == seed}  # keep memory bounded
             self._loaders[key] = get_loaders(
@@ -154,45 +149,22 @@ class Run:
         return self.hashes[key]
 
 
-class StageContext:
-    """What a stage runner gets: its spec, options, seed, folder, data and upstream models."""
+def stage_context(run: Run, spec: StageSpec, seed: int, resume: bool) -> StageContext:
+    """The context a stage runner gets for one recipe seed: its options, effective seed, folder, data and the
+    models of completed stages (for the same recipe seed)."""
+    eff = run.effective_seed(spec, seed)
+    info = run.info
 
-    def __init__(self, run: Run, spec: StageSpec, seed: int, resume: bool):
-        self.run, self.spec, self.name = run, spec, spec.name
-        self.seed = run.effective_seed(spec, seed)
-        self._recipe_seed = seed
-        self.dir = run.stage_dir(spec.name, self.seed)
-        self.options = run.options(spec)
-        self.raw = run.recipe.raw["stages"][spec.name]
-        self.resume = resume
-        self.quick = run.quick
-        self.input_size = tuple(run.recipe.input_size)
+    def stage_model(name: str) -> nn.Module:
+        dep = run.recipe.stages[name]
+        return load_checkpoint(run.stage_dir(name, run.effective_seed(dep, seed)) / "model.safetensors")
 
-    @property
-    def meta(self) -> dict[str, Any]:
-        """JSON metadata stored in the stage's weights: recipe, stage, classes and normalisation."""
-        info = self.run.info
-        return {"recipe": self.run.recipe.name, "stage": self.name, "classes": list(info.class_names),
-                "mean": list(info.mean), "std": list(info.std)}
-
-    def loaders(self, batch_size: int) -> tuple[Any, Any, Any]:
-        """(train_loader, val_loader, DatasetInfo) for this batch size, shuffled by the stage seed."""
-        return self.run.loaders(batch_size, self.seed)
-
-    def stage_model(self, name: str) -> nn.Module:
-        """The trained model of another (already completed) stage, for the same recipe seed."""
-        dep = self.run.recipe.stages[name]
-        return load_checkpoint(self.run.stage_dir(name, self.run.effective_seed(dep, self._recipe_seed))
-                               / "model.safetensors")
-
-    def initial_model(self) -> nn.Module:
-        """The model this stage starts from: the `from` stage's model, or a fresh one seeded by the stage seed."""
-        if self.spec.source is not None:
-            return self.stage_model(self.spec.source)
-        from zoo._registry import create
-
-        torch.manual_seed(self.seed)
-        return create(self.spec.model, **fill_kwargs(self.spec.model, self.spec.kwargs, self.run.dataset))
+    return StageContext(
+        spec=spec, seed=eff, options=run.options(spec), raw=run.recipe.raw["stages"][spec.name],
+        input_size=run.recipe.input_size, dataset=run.dataset, loaders=lambda bs: run.loaders(bs, eff),
+        stage_model=stage_model, dir=run.stage_dir(spec.name, eff), resume=resume,
+        meta={"recipe": run.recipe.name, "stage": spec.name, "classes": list(info.class_names),
+              "mean": list(info.mean), "std": list(info.std)})
 
 
 def _run_stage(run: Run, spec: StageSpec, seed: int) -> dict[str, Any]:
@@ -222,15 +194,15 @@ def _run_stage(run: Run, spec: StageSpec, seed: int) -> dict[str, Any]:
                           "options": run.options(spec), "deps": list(spec.deps)})
     run.log(f"{tag}: running{' (resuming)' if resume else ''} ...")
     t0 = time.perf_counter()
-    ctx = StageContext(run, spec, seed, resume)
+    ctx = stage_context(run, spec, seed, resume)
     model, metrics = STAGE_TYPES[spec.type].runner(ctx)
     elapsed = time.perf_counter() - t0
-    from zoo.io import save_model
-
     rec = {"hash": h, "stage": spec.name, "type": spec.type, "seed": eff, "metrics": metrics,
            "time_s": round(elapsed, 2), "threads": torch.get_num_threads(),
            "num_val": run.info.num_val if run.info is not None else None}
-    save_model(model.cpu(), sdir / "model.safetensors", extra={**ctx.meta, "hash": h, "metrics": metrics})
+    meta = dict(ctx.meta)
+    save_checkpoint(model.cpu(), sdir / "model.safetensors", classes=meta.pop("classes"), mean=meta.pop("mean"),
+                    std=meta.pop("std"), extra={**meta, "hash": h, "metrics": metrics})
     write_json(done, rec)
     run.log(f"{tag}: top-1 {metrics['top1']:.2f}% in {elapsed:.1f} s")
     rec["skipped"] = False
@@ -242,23 +214,15 @@ def default_out(recipe: Recipe, quick: bool, suffix: str = "") -> Path:
     return Path("runs") / f"{recipe.name}{suffix}{'-quick' if quick else ''}"
 
 
-def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
-               write_table: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every stage for every seed (skipping completed ones), then write results.json, table.md
-    and accuracy_vs_macs.png into `out`; `write_table` also writes the committed table next to the recipe."""
-    from zoo.recipe import report
-
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    log = log or (lambda s: print(s, flush=True))
-    out = make_out_dir(Path(out) if out is not None else default_out(recipe, quick), "--out")
+def run_stages(recipe: Recipe, out: Path, quick: bool, log: Callable[[str], None]
+               ) -> tuple[Run, dict[str, dict[int, dict[str, Any]]], list[int], float]:
+    """Run every stage for every seed into `out` (skipping completed ones): (run, records by stage and
+    effective seed, the recipe seeds run, wall-clock seconds)."""
     run = Run(recipe, out, quick, log)
     seeds = recipe.quick["seeds"] if quick else recipe.seeds
     log(f"recipe {recipe.name}: {len(recipe.stages)} stages x {len(seeds)} seed(s){' (quick)' if quick else ''}"
         f" -> {out}")
     t0 = time.perf_counter()
-    from zoo.recipe.stages import train_config
-
     first_bs = next((train_config(s.options["train"], 0).batch_size for s in recipe.stages.values()
                      if "train" in s.options), 64)
     run.loaders(first_bs, seeds[0])  # dataset info (num_classes, sizes) for the kwargs and the report
@@ -269,17 +233,7 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
             if eff in records.get(name, {}):
                 continue  # a fixed-seed stage shared by all recipe seeds
             records.setdefault(name, {})[eff] = _run_stage(run, spec, seed)
-    wall = time.perf_counter() - t0
-    results = report.build_results(run, records, seeds, wall)
-    report.write_outputs(results, out)
-    if write_table:
-        js, md = committed_paths(recipe, quick)
-        write_json(js, results)
-        md.write_text(report.render_markdown(results))
-        log(f"wrote the committed table {md} and {js}")
-    log("")
-    log(report.render_markdown(results))
-    return results
+    return run, records, seeds, time.perf_counter() - t0
 
 
 def committed_paths(recipe: Recipe, quick: bool = False) -> tuple[Path, Path]:
@@ -304,30 +258,3 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
-                 log: Callable[[str], None] | None = None) -> list[str]:
-    """Re-run a recipe (into `out`, default runs/<name>-check) and compare with the committed table
-    next to it; returns the differences beyond the recipe's tolerance (empty: the check passes)."""
-    from zoo.recipe import report
-
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    js, md = committed_paths(recipe, quick)
-    if not js.exists():
-        raise ZooError(f"{recipe.path}: no committed results {js}; write them with "
-                       f"`zoo recipe run {recipe.path}{' --quick' if quick else ''} --write-table`")
-    committed = report.load_results(js)
-    if bool(committed.get("quick")) != quick:
-        raise ZooError(f"{js} holds a {'quick' if committed.get('quick') else 'full'} run; check it "
-                       f"{'with' if committed.get('quick') else 'without'} --quick")
-    out = Path(out) if out is not None else default_out(recipe, quick, "-check")
-    new = run_recipe(recipe, out, quick=quick, log=log)
-    diffs = report.compare(committed, new, recipe.tolerance)
-    if not md.exists():
-        diffs.append(f"{md}: missing (the committed markdown table)")
-    elif md.read_text() != report.render_markdown(committed):
-        diffs.append(f"{md}: does not match what {js.name} renders (edited by hand, or written by another run); "
-                     f"re-write both with --write-table")
-    return diffs

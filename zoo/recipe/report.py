@@ -1,5 +1,8 @@
 """Recipe reports: results.json, the markdown table, the accuracy-vs-MACs plot, and the comparison
 used by `zoo recipe check` (committed table vs a re-run, within the recipe's tolerance).
+
+Top layer of zoo.recipe (below only its CLI): `run_recipe` runs the stages through zoo.recipe.engine and
+writes the report; `check_recipe` compares a re-run with the committed table.
 """
 
 from __future__ import annotations
@@ -13,19 +16,16 @@ from typing import Any, Callable
 import torch
 
 from zoo.errors import ZooError
+from zoo.io import make_out_dir
+from zoo.deploy import runtime_forward, set_threads
+from zoo.profile import measure_latency, profile
+from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
+from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
+from zoo.recipe.schema import Recipe, load_recipe
 from zoo.untrusted import clip, parse_json, read_text, short_repr
+from zoo.weights.checkpoint import serialized_size
 
 RESULTS_VERSION = 1
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float | None]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None)
-
-
-def _pm(mean: float | None, std: float | None, digits: int = 2) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def _signed(mean: float, std: float | None) -> str:
@@ -39,7 +39,7 @@ T_CRIT_5 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.22
 def _verdict(diffs: list[float]) -> str:
     """Paired t-test of the per-seed differences at the 5% level (two-sided)."""
     n = len(diffs)
-    m, s = _mean_std(diffs)
+    m, s = mean_std(diffs)
     if s is None or n - 1 > len(T_CRIT_5):
         return "no test"
     if s == 0:
@@ -51,95 +51,38 @@ def _verdict(diffs: list[float]) -> str:
     return f"paired t = {t:.2f}: KD {'better' if t > 0 else 'worse'} at the 5% level"
 
 
-def _errors(top1: float, num_val: int) -> int:
-    return int(round(num_val * (100.0 - top1) / 100.0))
-
-
-def _row_errors(r: dict) -> tuple[float | None, float | None]:
-    errs = [_errors(t, r["num_val"]) for t in r["top1_seeds"]] if r.get("num_val") else []
-    return _mean_std(errs) if errs else (None, None)
-
-
-def _ref(key: str) -> Callable[[dict], str]:
-    def f(r: dict) -> str:
-        v = (r.get("reference") or {}).get(key)
-        if v is None:
-            return "absent" if r.get("reference") else "-"
-        return f"{v:,.0f}" if key == "params" else f"{v:g}"
-    return f
-
-
-def _errors_cell(r: dict) -> str:
-    m, s = _row_errors(r)
-    return "-" if m is None else f"{_pm(m, s, 1 if s is not None else 0)} / {r['num_val']:,}"
-
-
-def _errors_10k_cell(r: dict) -> str:
-    m, s = _row_errors(r)
-    if m is None:
-        return "-"
-    k = 10_000 / r["num_val"]
-    return _pm(m * k, None if s is None else s * k, 0)
-
-
-# column name -> (header, cell formatter); `table.columns` in a recipe picks and orders them
-COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
-    "model": ("model", lambda r: r["label"]),
-    "stage": ("stage", lambda r: f"{r['stage']} ({r['type']})"),
-    "teacher": ("teacher", lambda r: r.get("teacher") or "-"),
-    "top1": ("top-1 (%)", lambda r: _pm(r["top1"], r.get("top1_std"))),
-    "top5": ("top-5 (%)", lambda r: _pm(r["top5"], r.get("top5_std"))),
-    "ref_top1": ("published top-1 (%)", _ref("top1")),
-    "errors": ("test errors", _errors_cell),
-    "errors_per_10k": ("errors per 10k", _errors_10k_cell),
-    "ref_errors_per_10k": ("paper errors per 10k", _ref("errors_per_10k")),
-    "params": ("params", lambda r: f"{r['params']:,}"),
-    "macs": ("MACs", lambda r: f"{r['macs'] / 1e6:,.2f} M"),
-    "size_kb": ("size (KB)", lambda r: "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:,.1f}"),
-    "latency_ms": ("CPU latency (ms)", lambda r: "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"),
-    "train_time_s": ("train time (s)", lambda r: _pm(r.get("time_s"), None, 1)),
-    # compression columns (zoo.recipe.compress_stages)
-    "top1_pre": ("top-1 before fine-tune (%)", lambda r: _pm(r.get("top1_pre"), None)),
-    "nonzero": ("nonzero params", lambda r: "-" if r.get("nonzero_params") is None else f"{r['nonzero_params']:,}"),
-    "sparsity": ("weight sparsity (%)", lambda r: "-" if r.get("sparsity") is None else f"{100 * r['sparsity']:.1f}"),
-    "stored_kb": ("stored size (KB)",
-                  lambda r: "-" if r.get("sparse_size_bytes") is None else f"{r['sparse_size_bytes'] / 1024:,.1f}"),
-    "ref_params": ("paper weights", _ref("params")),
-    "nz_reduction": ("fewer nonzero params", lambda r: "-" if not r.get("nonzero_params") or not r.get("dense_params")
-                     else f"{r['dense_params'] / r['nonzero_params']:.1f}x"),
-    "ratio": ("compression ratio", lambda r: "-" if r.get("compression_ratio") is None
-              else f"{r['compression_ratio']:.1f}x"),
-}
-TEXT_COLUMNS = ("model", "stage", "teacher")
-DEFAULT_COLUMNS = ("model", "stage", "teacher", "top1", "params", "macs", "size_kb", "latency_ms")
 
 
 def _profile_row(model: torch.nn.Module, input_size: tuple[int, ...], latency: dict[str, int]) -> dict[str, Any]:
-    from zoo.profile import profile
-
+    """Counts and sizes of a stage's model, and its latency on the runtime its int8 backend targets
+    (ExecuTorch for 'xnnpack', inductor for 'x86_pt2e', else eager PyTorch; zoo.deploy.runtime_forward)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(latency["threads"])
     try:
-        p = profile(model, input_size=input_size, latency=True, batch_size=latency["batch_size"], flops=False)
+        fwd, runtime = runtime_forward(model, torch.zeros(latency["batch_size"], *input_size))
+        if runtime.startswith("executorch"):
+            set_threads(latency["threads"])
+        p = profile(model, input_size=input_size, latency=runtime == "eager", batch_size=latency["batch_size"],
+                    flops=False)
+        ms = p.latency_ms if runtime == "eager" else measure_latency(fwd, input_size, latency["batch_size"])
     finally:
         torch.set_num_threads(prev)
-    return {"params": p.params, "macs": p.macs, "size_bytes": p.size_bytes, "latency_ms": p.latency_ms,
-            "nonzero_params": p.nonzero_params, "sparsity": p.sparsity, "sparse_size_bytes": p.sparse_size_bytes}
+    row = {"params": p.params, "macs": p.macs, "size_bytes": p.size_bytes, "latency_ms": ms,
+           "nonzero_params": p.nonzero_params, "sparsity": p.sparsity, "sparse_size_bytes": p.sparse_size_bytes}
+    if runtime != "eager":
+        row["latency_runtime"] = runtime
+    return row
 
 
-def _root_stage(recipe: Any, stage: str) -> str:
+def _root_stage(recipe: Recipe, stage: str) -> str:
     """The stage at the start of a `from` chain (the dense model a compressed one derives from)."""
     while recipe.stages[stage].source is not None:
         stage = recipe.stages[stage].source
     return stage
 
 
-def _dense_ref(run: Any, stage: str, seed: int, cache: dict[str, tuple[int, int]]) -> tuple[int, int]:
+def _dense_ref(run: Run, stage: str, seed: int, cache: dict[str, tuple[int, int]]) -> tuple[int, int]:
     """(serialized fp32 bytes, nonzero params) of the dense root model of `stage`'s `from` chain."""
-    from zoo.io import serialized_size
-    from zoo.profile import profile
-    from zoo.recipe.engine import load_checkpoint
-
     root = _root_stage(run.recipe, stage)
     if root not in cache:
         eff = run.effective_seed(run.recipe.stages[root], seed)
@@ -148,10 +91,8 @@ def _dense_ref(run: Any, stage: str, seed: int, cache: dict[str, tuple[int, int]
     return cache[root]
 
 
-def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int], wall_s: float) -> dict[str, Any]:
+def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int], wall_s: float) -> dict[str, Any]:
     """Aggregate stage records over seeds, profile each table row's model and return results.json content."""
-    from zoo.recipe.engine import environment, load_checkpoint
-
     recipe = run.recipe
     rows: list[dict[str, Any]] = []
     label_of = {r.stage: r.label for r in recipe.rows}
@@ -168,8 +109,8 @@ def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int
         if spec.type == "distill":
             t = run.recipe.raw["stages"][row.stage]["teacher"]
             teacher = os.path.basename(t) if "teacher" in spec.files else label_of.get(t, t)
-        m1, s1 = _mean_std(top1)
-        m5, s5 = _mean_std(top5)
+        m1, s1 = mean_std(top1)
+        m5, s5 = mean_std(top5)
         pre = [r["metrics"].get("top1_before_finetune") for r in recs]
         dense, dense_nz = _dense_ref(run, row.stage, seeds[0], dense_cache)
         stored = prof.get("sparse_size_bytes")
@@ -203,8 +144,6 @@ def build_results(run: Any, records: dict[str, dict[int, dict]], seeds: list[int
 
 def _threads(records: dict[str, dict[int, dict]]) -> int | list[int]:
     """Torch threads the stages trained with (one number, or the sorted list when they differ)."""
-    import torch
-
     used = sorted({r.get("threads", torch.get_num_threads()) for per in records.values() for r in per.values()})
     return used[0] if len(used) == 1 else used
 
@@ -229,7 +168,7 @@ def kd_effect(rows: list[dict]) -> list[dict[str, Any]]:
         diffs = [d["top1_seeds"][d["seeds"].index(s)] - twin["top1_seeds"][twin["seeds"].index(s)] for s in common]
         if not diffs:
             continue
-        m, s = _mean_std(diffs)
+        m, s = mean_std(diffs)
         out.append({"distilled": d["stage"], "scratch": twin["stage"], "label": twin["label"], "seeds": common,
                     "diff_mean": m, "diff_std": s, "diffs": diffs,
                     "wins": sum(x > 0 for x in diffs), "ties": sum(x == 0 for x in diffs)})
@@ -278,6 +217,10 @@ def render_markdown(res: dict[str, Any]) -> str:
                  f"bytes. CPU latency: zoo.profile(latency=True), median of 20 forward passes at batch "
                  f"{lat['batch_size']} with {lat['threads']} torch thread{'s' if lat['threads'] > 1 else ''} on "
                  f"{env['cpu']} (torch {env['torch']}); latency is noisy on a shared machine.")
+    runtimes = sorted({f"{r['stage']}: {r['latency_runtime']}" for r in res["rows"] if r.get("latency_runtime")})
+    if runtimes:
+        lines.append("Latency of PT2E int8 rows is measured on the runtime their backend targets, not eager "
+                     "PyTorch: " + "; ".join(runtimes) + ".")
     lines.append("")
     if any(c in cols for c in ("stored_kb", "ratio", "nonzero")):
         lines.append("Nonzero params: parameters that are not exactly zero. Stored size: the safetensors bytes at the "
@@ -300,7 +243,7 @@ def render_markdown(res: dict[str, Any]) -> str:
 
 def plot(res: dict[str, Any], path: Path) -> None:
     """accuracy_vs_macs.png: top-1 (with std error bars) against MACs on a log axis."""
-    import matplotlib
+    import matplotlib  # (optional plotting dependency, imported only when a plot is drawn)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -332,8 +275,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def write_outputs(res: dict[str, Any], out: Path) -> None:
     """results.json, table.md and accuracy_vs_macs.png into `out`."""
-    from zoo.recipe.engine import write_json
-
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", res)
     (out / "table.md").write_text(render_markdown(res))
@@ -433,3 +374,52 @@ def load_results(path: Path) -> dict[str, Any]:
         raise ZooError(f"{where} cannot be rendered as a table ({type(e).__name__}: {clip(str(e))}); "
                        "re-write it with --write-table") from None
     return res
+
+
+# --------------------------------------------------------------------------- run and check
+
+
+def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
+               write_table: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every stage for every seed (skipping completed ones), then write results.json, table.md
+    and accuracy_vs_macs.png into `out`; `write_table` also writes the committed table next to the recipe."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    log = log or (lambda s: print(s, flush=True))
+    out = make_out_dir(Path(out) if out is not None else default_out(recipe, quick), "--out")
+    run, records, seeds, wall = run_stages(recipe, out, quick, log)
+    results = build_results(run, records, seeds, wall)
+    write_outputs(results, out)
+    if write_table:
+        js, md = committed_paths(recipe, quick)
+        write_json(js, results)
+        md.write_text(render_markdown(results))
+        log(f"wrote the committed table {md} and {js}")
+    log("")
+    log(render_markdown(results))
+    return results
+
+
+def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
+                 log: Callable[[str], None] | None = None) -> list[str]:
+    """Re-run a recipe (into `out`, default runs/<name>-check) and compare with the committed table
+    next to it; returns the differences beyond the recipe's tolerance (empty: the check passes)."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    js, md = committed_paths(recipe, quick)
+    if not js.exists():
+        raise ZooError(f"{recipe.path}: no committed results {js}; write them with "
+                       f"`zoo recipe run {recipe.path}{' --quick' if quick else ''} --write-table`")
+    committed = load_results(js)
+    if bool(committed.get("quick")) != quick:
+        raise ZooError(f"{js} holds a {'quick' if committed.get('quick') else 'full'} run; check it "
+                       f"{'with' if committed.get('quick') else 'without'} --quick")
+    out = Path(out) if out is not None else default_out(recipe, quick, "-check")
+    new = run_recipe(recipe, out, quick=quick, log=log)
+    diffs = compare(committed, new, recipe.tolerance)
+    if not md.exists():
+        diffs.append(f"{md}: missing (the committed markdown table)")
+    elif md.read_text() != render_markdown(committed):
+        diffs.append(f"{md}: does not match what {js.name} renders (edited by hand, or written by another run); "
+                     f"re-write both with --write-table")
+    return diffs

@@ -9,9 +9,9 @@ error names the file, the key path (e.g. `stages.kd_w05.teacher`) and what is al
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -19,8 +19,10 @@ from zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.sources import data_root
 from zoo.errors import ZooError
 from zoo.recipe.checks import (  # RecipeError, Checker, DATASETS and fill_kwargs are part of this module's API too
-    DATASETS, Checker, RecipeError, check_model_kwargs, fill_kwargs, short_value, type_name,
+    DATASETS, Checker, RecipeError, check_model_kwargs, check_train_config, fill_kwargs, short_value, type_name,
 )
+from zoo.recipe.columns import COLUMNS, DEFAULT_COLUMNS
+from zoo.recipe.registry import COMMON_STAGE_KEYS, DEFAULT_SECTIONS, STAGE_TYPES, StageSpec
 from zoo.untrusted import check_flow_depth, check_tree, clip, read_text
 
 DATA_PREFIX = "$ZOO_DATA/"  # recipe paths starting with this are under zoo.data.sources.data_root()
@@ -29,79 +31,7 @@ STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 FILE_REF_SUFFIXES: dict[str, tuple[str, ...]] = {"init": (".safetensors", ".tflite")}
 
 
-# --------------------------------------------------------------------------- stage-type registry
-
-
-@dataclass(frozen=True)
-class StageType:
-    """A stage type: its own allowed keys (name -> description), checks, references and runner.
-
-    `validate(chk, path, stage_dict, recipe_defaults)` normalises the type-specific keys and returns
-    them as a dict (raise via `chk.fail(key_path, message)`); `ref_keys` name the keys whose value is
-    another stage (or, for keys also in `file_refs`, a .safetensors file); `runner(ctx)` trains or
-    transforms the model (ctx: zoo.recipe.engine.StageContext) and returns `(model, metrics)` with at
-    least metrics["top1"], ["top5"] and ["loss"]. `needs_model=False` types (`prune`, `quantize`,
-    `lowrank` in zoo.recipe.compress_stages) take their input model only through `from`.
-    """
-
-    name: str
-    keys: dict[str, str]
-    validate: Callable[[Checker, str, dict, dict], dict]
-    runner: Callable[[Any], tuple[Any, dict]]
-    ref_keys: tuple[str, ...] = ()
-    file_refs: tuple[str, ...] = ()
-    needs_model: bool = True
-    doc: str = ""
-
-
-STAGE_TYPES: dict[str, StageType] = {}
-# sections allowed under `defaults:` (e.g. train, kd) -> partial checker(chk, path, mapping)
-DEFAULT_SECTIONS: dict[str, Callable[[Checker, str, dict], dict]] = {}
-
-COMMON_STAGE_KEYS: dict[str, str] = {
-    "type": "stage type (" + "registered types" + ")",
-    "model": "registered model name (or use `from`)",
-    "kwargs": "model keyword arguments (validated through the registry)",
-    "from": "name of an earlier stage whose trained model this stage starts from",
-    "seed": "fixed seed for this stage (shared by all recipe seeds, e.g. one teacher)",
-    "description": "free text",
-}
-
-
-def register_stage_type(st: StageType) -> StageType:
-    """Add a stage type to the registry; a duplicate name is an error."""
-    if st.name in STAGE_TYPES:
-        raise ZooError(f"a recipe stage type named {st.name!r} is already registered")
-    overlap = set(st.keys) & set(COMMON_STAGE_KEYS)
-    if overlap:
-        raise ZooError(f"stage type {st.name!r} redefines common keys {sorted(overlap)}")
-    STAGE_TYPES[st.name] = st
-    return st
-
-
-def _ensure_builtin_stages() -> None:
-    import zoo.recipe.stages  # noqa: F401  (registers train and distill)
-    from zoo.recipe.compress_stages import register
-
-    register()  # prune, quantize, lowrank
-
-
 # --------------------------------------------------------------------------- recipe data
-
-
-@dataclass
-class StageSpec:
-    """One validated stage: its type, model (own or inherited via `from`), options and dependencies."""
-
-    name: str
-    type: str
-    model: str  # registry name (inherited through `from`)
-    kwargs: dict[str, Any]  # kwargs as written (inherited through `from`), before dataset fill-in
-    source: str | None  # `from` stage
-    seed: int | None  # fixed seed or None (follow the recipe's seeds)
-    options: dict[str, Any]  # type-specific validated keys (train config, kd config, teacher, ...)
-    deps: tuple[str, ...]  # stages this one needs (from + references), in key order
-    files: dict[str, Path] = field(default_factory=dict)  # reference keys that point to files
 
 
 @dataclass
@@ -205,14 +135,12 @@ def load_yaml(path: Path) -> Any:
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and fully validate a recipe file (no training, no data loading)."""
-    _ensure_builtin_stages()
     path = Path(path)
     return validate_recipe(load_yaml(path), path)
 
 
 def validate_recipe(raw: Any, path: Path) -> Recipe:
     """Validate a parsed recipe mapping; `path` is used in messages and for relative paths."""
-    _ensure_builtin_stages()
     chk = Checker(str(path))
     if raw is None:
         raise chk.fail("", "the recipe is empty")
@@ -255,8 +183,8 @@ def _positive_int(chk: Checker, v: Any, path: str) -> int:
 
 
 def recipe_path(value: str, recipe: Path) -> Path:
-    """A path written in a recipe: `$ZOO_DATA/...` is under zoo's data root ($ZOO_DATA, else
-    ../shared/data), `~` is expanded, and other relative paths are relative to the recipe file."""
+    """A path written in a recipe: `$ZOO_DATA/...` is under zoo's data root ($ZOO_DATA, see
+    zoo.data.sources.data_root), `~` is expanded, and other relative paths are relative to the recipe file."""
     if value.startswith(DATA_PREFIX):
         return data_root() / value[len(DATA_PREFIX):]
     p = Path(value).expanduser()
@@ -327,31 +255,8 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
     parsed: dict[str, dict] = {}
     for name, st in stages_raw.items():
         p = f"stages.{name}"
-        if not STAGE_NAME.match(name):
-            raise chk.fail(p, f"stage name {short_value(name)} is not allowed; use letters, digits, '_' and '-'")
-        chk.mapping(st, p)
-        if "type" not in st:
-            raise chk.fail(f"{p}.type", "missing required key; allowed: " + ", ".join(STAGE_TYPES))
-        typ = chk.typed(st["type"], f"{p}.type", "str")
-        if typ not in STAGE_TYPES:
-            raise chk.fail(f"{p}.type", f"{short_value(typ)} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
+        typ, options = _check_stage(chk, p, name, st, defaults)
         stype = STAGE_TYPES[typ]
-        allowed = {**COMMON_STAGE_KEYS, **stype.keys}
-        chk.mapping(st, p, allowed)
-        if stype.needs_model and ("model" in st) == ("from" in st):
-            raise chk.fail(p, "give exactly one of `model` (a registered model) or `from` (an earlier stage)")
-        if not stype.needs_model and "model" in st:
-            raise chk.fail(f"{p}.model", f"a {typ} stage takes its model through `from`, not `model`")
-        if not stype.needs_model and "from" not in st:
-            raise chk.fail(f"{p}.from", f"missing required key: a {typ} stage transforms the model of an earlier "
-                                        "stage; name it with `from`")
-        if "kwargs" in st and "model" not in st:
-            raise chk.fail(f"{p}.kwargs", "`kwargs` goes with `model`; a `from` stage inherits its model")
-        if "seed" in st:
-            _seed_value(chk, st["seed"], f"{p}.seed")
-        if "description" in st:
-            chk.typed(st["description"], f"{p}.description", "str")
-        options = stype.validate(chk, p, st, defaults)
         refs: list[str] = []
         files: dict[str, Path] = {}
         if "from" in st:
@@ -394,6 +299,54 @@ def _stages(chk: Checker, stages_raw: dict, defaults: dict, dataset: dict, path:
     return out
 
 
+def _check_stage(chk: Checker, p: str, name: str, st: Any, defaults: dict) -> tuple[str, dict[str, Any]]:
+    """The common keys of one stage and its type's own validation: (type name, validated options)."""
+    if not STAGE_NAME.match(name):
+        raise chk.fail(p, f"stage name {short_value(name)} is not allowed; use letters, digits, '_' and '-'")
+    chk.mapping(st, p)
+    if "type" not in st:
+        raise chk.fail(f"{p}.type", "missing required key; allowed: " + ", ".join(STAGE_TYPES))
+    typ = chk.typed(st["type"], f"{p}.type", "str")
+    if typ not in STAGE_TYPES:
+        raise chk.fail(f"{p}.type", f"{short_value(typ)} is not a stage type; allowed: " + ", ".join(STAGE_TYPES))
+    stype = STAGE_TYPES[typ]
+    chk.mapping(st, p, {**COMMON_STAGE_KEYS, **stype.keys})
+    if stype.needs_model and ("model" in st) == ("from" in st):
+        raise chk.fail(p, "give exactly one of `model` (a registered model) or `from` (an earlier stage)")
+    if not stype.needs_model and "model" in st:
+        raise chk.fail(f"{p}.model", f"a {typ} stage takes its model through `from`, not `model`")
+    if not stype.needs_model and "from" not in st:
+        raise chk.fail(f"{p}.from", f"missing required key: a {typ} stage transforms the model of an earlier "
+                                    "stage; name it with `from`")
+    if "kwargs" in st and "model" not in st:
+        raise chk.fail(f"{p}.kwargs", "`kwargs` goes with `model`; a `from` stage inherits its model")
+    if "seed" in st:
+        _seed_value(chk, st["seed"], f"{p}.seed")
+    if "description" in st:
+        chk.typed(st["description"], f"{p}.description", "str")
+    return typ, stype.validate(chk, p, st, defaults)
+
+
+def chain_stages(chk: Checker, source: StageSpec, stages: dict[str, dict], defaults: dict | None = None
+                 ) -> list[StageSpec]:
+    """Validate stages that each transform the previous one's model, starting from `source`'s, outside a recipe
+    file (zoo.finetune's `--then` steps): the same checks as a recipe's stages, `from` set here."""
+    out: list[StageSpec] = []
+    prev = source
+    for name, st in stages.items():
+        if "from" in st or "model" in st:
+            raise chk.fail(f"stages.{name}", "a chained stage takes the previous stage's model; give no `from` or "
+                                             "`model`")
+        raw = {**st, "from": prev.name}
+        typ, options = _check_stage(chk, f"stages.{name}", name, raw, defaults or {})
+        if STAGE_TYPES[typ].ref_keys and any(k in raw for k in STAGE_TYPES[typ].ref_keys):
+            raise chk.fail(f"stages.{name}", "a chained stage cannot refer to other stages")
+        prev = StageSpec(name=name, type=typ, model=source.model, kwargs=dict(source.kwargs), source=prev.name,
+                         seed=source.seed, options=options, deps=(prev.name,))
+        out.append(prev)
+    return out
+
+
 def _ref(chk: Checker, path: str, value: Any, stages: dict, self_name: str, also: str = "") -> str:
     chk.typed(value, path, "str")
     if value == self_name:
@@ -431,8 +384,6 @@ def _toposort(chk: Checker, parsed: dict[str, dict]) -> list[str]:
 
 
 def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[RowSpec], list[str]]:
-    from zoo.recipe.report import COLUMNS, DEFAULT_COLUMNS
-
     if t is None:
         t = {}
     if isinstance(t, list):
@@ -485,7 +436,5 @@ def _quick(chk: Checker, q: Any, seeds: list[int]) -> dict[str, Any]:
             raise chk.fail("quick.seeds", f"{short_value(s)} is not allowed; expected a non-empty list of distinct ints >= 0")
         out["seeds"] = list(s)
     if "train" in q:
-        from zoo.recipe.stages import check_train_config
-
         out["train"] = check_train_config(chk, "quick.train", chk.mapping(q["train"], "quick.train"), partial=True)
     return out

@@ -7,108 +7,88 @@ another project's state dict paired by structure, zoo.weights.foreign), a TFLite
 zoo.weights.tflite) or another stage; every tensor but the classifier must fit
 (the classifier too when the classes agree), and when the weights' header gives the input normalisation
 the first conv is rescaled so that the dataset's normalised images reach it as the pretrained model's
-did. `freeze_backbone: true` trains only the classifier, BatchNorm statistics frozen (zoo.finetune).
+did. `freeze_backbone: true` trains only the classifier, BatchNorm statistics frozen (`frozen_backbone`,
+which zoo.finetune uses too).
 
-Each type registers its allowed keys, a validator (run before anything trains) and a runner
-`runner(ctx) -> (model, metrics)`; compression stages (`prune`, `quantize`, `lowrank`) plug in the
-same way through `zoo.recipe.schema.register_stage_type`.
+Each type (`TRAIN`, `DISTILL`) holds its allowed keys, a validator (run before anything trains) and a runner
+`runner(ctx: StageContext) -> (model, metrics)`; zoo.recipe's `__init__` registers them, and the
+compression stages of zoo.recipe.compress_stages, through zoo.recipe.registry.register_stage_type.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import re
+import types
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from zoo.distill import KDConfig, distill, load_teacher
 from zoo.errors import ZooError
-from zoo.finetune import frozen_backbone
 from zoo.layers import ConvNormAct
-from zoo.recipe.schema import DEFAULT_SECTIONS, Checker, StageType, register_stage_type
-from zoo.weights.checkpoint import classifier_prefix, describe_spec, mismatch_report, read_checkpoint
+from zoo.recipe.checks import (Checker, build_checked, check_like_defaults, check_train_config, dataclass_defaults,
+                               train_config)
+from zoo.recipe.registry import StageContext, StageType
+from zoo.train import TrainResult, fit
+from zoo.weights.checkpoint import classifier_prefix, describe_spec, load_checkpoint, mismatch_report, read_checkpoint
 from zoo.weights.foreign import load_foreign
-from zoo.weights.loading import build_from_checkpoint
 from zoo.weights.tflite import tflite_to_model
 
 REBASE_BATCHES = 8  # training batches whose statistics re-base BatchNorm after `init` (rebase_batchnorm)
-# keys the engine sets itself; a recipe may not put them in a train section
-ENGINE_TRAIN_KEYS = {"seed": "set by the recipe's `seeds` (or the stage's `seed`)"}
 
 
-def _dataclass_defaults(cls: type) -> dict[str, Any]:
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            out[f.name] = f.default_factory()  # type: ignore[misc]
-        else:
-            out[f.name] = None
-    return out
+# --------------------------------------------------------------------------- frozen backbone
 
 
-def _check_like_defaults(chk: Checker, path: str, d: dict, defaults: dict[str, Any], what: str) -> None:
-    """Unknown keys and the basic type of each value (judged from the dataclass default)."""
-    for k, v in d.items():
-        if k not in defaults:
-            raise chk.fail(f"{path}.{k}", f"unknown {what} key; allowed: " + ", ".join(defaults))
-        default = defaults[k]
-        if isinstance(default, bool):
-            chk.typed(v, f"{path}.{k}", "bool")
-        elif isinstance(default, int) and not isinstance(v, float):
-            chk.typed(v, f"{path}.{k}", "int")
-        elif isinstance(default, float):
-            chk.typed(v, f"{path}.{k}", "float")
-        elif isinstance(default, str):
-            chk.typed(v, f"{path}.{k}", "str")
+def _backbone_norms(model: nn.Module) -> list[nn.Module]:
+    head = set(model.get_classifier().modules())
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m not in head]
 
 
-def _from_dict(chk: Checker, path: str, cls: type, d: dict) -> Any:
-    try:
-        if hasattr(cls, "from_dict"):
-            return cls.from_dict(dict(d))
-        return cls(**d)
-    except (ZooError, ValueError, TypeError) as e:
-        msg = str(e)
-        # the key the message is about: named as `key=`, `'key'` or `key ` (longest match wins)
-        key = next((k for k in sorted(d, key=len, reverse=True)
-                    if re.search(rf"(?<![\w]){re.escape(k)}(=|'|\s)", msg)), None)
-        raise chk.fail(f"{path}.{key}" if key else path, msg) from None
+def _frozen_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    nn.Module.train(self, mode)
+    for m in _backbone_norms(self):
+        m.eval()  # frozen backbone: BatchNorm keeps its running statistics
+    return self
 
 
-def check_train_config(chk: Checker, path: str, d: dict, partial: bool = False) -> dict[str, Any]:
-    """Validate a train-config mapping against zoo.train.TrainConfig; return it as a plain dict."""
-    from zoo.train import TrainConfig
+class frozen_backbone:
+    """Context: only the classifier trains; backbone weights and BatchNorm statistics stay unchanged."""
 
-    chk.mapping(d, path)
-    for k in d:
-        if k in ENGINE_TRAIN_KEYS:
-            raise chk.fail(f"{path}.{k}", f"not allowed here: {ENGINE_TRAIN_KEYS[k]}")
-    defaults = {k: v for k, v in _dataclass_defaults(TrainConfig).items() if k not in ENGINE_TRAIN_KEYS}
-    _check_like_defaults(chk, path, d, defaults, "train")
-    if not partial:
-        _from_dict(chk, path, TrainConfig, {"progress": False, **d})  # values and their combinations
-    return dict(d)  # as written: the stage hash covers what the recipe says, not the code's defaults
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.model, self.enabled = model, enabled
+        self.saved: list[tuple[nn.Parameter, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        if not self.enabled:
+            return self.model
+        if not hasattr(self.model, "get_classifier"):
+            raise ZooError(f"freeze_backbone: {type(self.model).__name__} has no get_classifier()")
+        head = {id(p) for p in self.model.get_classifier().parameters()}
+        for p in self.model.parameters():
+            self.saved.append((p, p.requires_grad))
+            p.requires_grad_(id(p) in head)
+        self.model.train = types.MethodType(_frozen_train, self.model)  # type: ignore[method-assign]
+        return self.model
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.enabled:
+            return
+        for p, flag in self.saved:
+            p.requires_grad_(flag)
+        self.model.__dict__.pop("train", None)
 
 
-def train_config(train: dict[str, Any], seed: int) -> Any:
-    """The zoo.train.TrainConfig of a stage: its train section, quiet by default, with the run's seed."""
-    from zoo.train import TrainConfig
-
-    return TrainConfig.from_dict({"progress": False, **train, "seed": seed})
+# --------------------------------------------------------------------------- validation
 
 
 def check_kd_config(chk: Checker, path: str, d: dict, partial: bool = False) -> dict[str, Any]:
     """Validate a distillation-config mapping against zoo.distill.KDConfig; return it as a dict."""
-    from zoo.distill import KDConfig
-
     chk.mapping(d, path)
-    _check_like_defaults(chk, path, d, _dataclass_defaults(KDConfig), "kd")
+    check_like_defaults(chk, path, d, dataclass_defaults(KDConfig), "kd")
     if not partial:
-        _from_dict(chk, path, KDConfig, d)
+        build_checked(chk, path, KDConfig, d)
     return dict(d)
 
 
@@ -137,7 +117,7 @@ def _validate_distill(chk: Checker, path: str, stage: dict, defaults: dict) -> d
     return {"train": _train_section(chk, path, stage, defaults), "kd": kd}
 
 
-def _final_metrics(result: Any) -> dict[str, Any]:
+def _final_metrics(result: TrainResult) -> dict[str, Any]:
     """Validation metrics after the last epoch, plus the best epoch's top-1 (for information only)."""
     out = {k: float(result.final[k]) for k in ("top1", "top5", "loss")}
     out["best_top1"] = float(result.best_top1)
@@ -146,7 +126,7 @@ def _final_metrics(result: Any) -> dict[str, Any]:
     return out
 
 
-def _init_source(ctx: Any) -> tuple[nn.Module, tuple | None]:
+def _init_source(ctx: StageContext) -> tuple[nn.Module, tuple | None]:
     """The model named by the stage's `init` and the input (mean, std) it was trained with, if known."""
     f = ctx.spec.files.get("init")
     if f is None:
@@ -158,7 +138,7 @@ def _init_source(ctx: Any) -> tuple[nn.Module, tuple | None]:
     if ckpt.spec is None:  # another project's state dict: paired by structure with the stage's own model
         return load_foreign(ckpt, ctx.initial_model()), None
     meta = ckpt.metadata
-    return build_from_checkpoint(ckpt), ((meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None)
+    return load_checkpoint(ckpt), ((meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None)
 
 
 @torch.no_grad()
@@ -217,7 +197,7 @@ def rebase_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
     return len(norms)
 
 
-def load_init(ctx: Any, model: nn.Module, data_norm: tuple, batches: list[torch.Tensor]) -> None:
+def load_init(ctx: StageContext, model: nn.Module, data_norm: tuple, batches: list[torch.Tensor]) -> None:
     """Copy the `init` weights into the stage's fresh model: all but the classifier (it too if it fits);
     adapt the first conv to the data's normalisation and re-base BatchNorm on `batches`."""
     src, trained_norm = _init_source(ctx)
@@ -227,8 +207,8 @@ def load_init(ctx: Any, model: nn.Module, data_norm: tuple, batches: list[torch.
     body = {k: tuple(v.shape) for k, v in ours.items() if not k.startswith(head)}
     report = mismatch_report({k: tuple(v.shape) for k, v in theirs.items() if not k.startswith(head)}, body)
     if report:
-        raise ZooError(f"{where} holds {describe_spec(src.zoo_name, src.zoo_kwargs)}, which does not fit "
-                       f"{describe_spec(model.zoo_name, model.zoo_kwargs)}: {report}")
+        raise ZooError(f"{where} holds {describe_spec(src.spec.name, src.spec.kwargs)}, which does not fit "
+                       f"{describe_spec(model.spec.name, model.spec.kwargs)}: {report}")
     keep = {k: v for k, v in theirs.items() if k in body or (k in ours and ours[k].shape == v.shape)}
     model.load_state_dict(keep, strict=False)
     if trained_norm is not None and len(trained_norm[0]) == len(data_norm[0]):
@@ -236,10 +216,8 @@ def load_init(ctx: Any, model: nn.Module, data_norm: tuple, batches: list[torch.
     rebase_batchnorm(model, batches)
 
 
-def run_train(ctx: Any) -> tuple[Any, dict[str, Any]]:
+def run_train(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     """Train the stage's model (fresh, from `init` weights, or the model of `from`) with its train config."""
-    from zoo.train import fit
-
     cfg = train_config(ctx.options["train"], ctx.seed)
     model = ctx.initial_model()
     train_loader, val_loader, info = ctx.loaders(cfg.batch_size)
@@ -251,10 +229,8 @@ def run_train(ctx: Any) -> tuple[Any, dict[str, Any]]:
     return model, _final_metrics(result)
 
 
-def run_distill(ctx: Any) -> tuple[Any, dict[str, Any]]:
+def run_distill(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     """Distil the teacher (a stage or a weights file) into the stage's student model."""
-    from zoo.distill import KDConfig, distill, load_teacher
-
     cfg = train_config(ctx.options["train"], ctx.seed)
     kd = KDConfig.from_dict(ctx.options["kd"])
     if "teacher" in ctx.spec.files:
@@ -269,21 +245,29 @@ def run_distill(ctx: Any) -> tuple[Any, dict[str, Any]]:
     return model, _final_metrics(result)
 
 
-register_stage_type(StageType(
+TRAIN = StageType(
     name="train", keys={"train": "train config (zoo.train.TrainConfig keys), over defaults.train",
                         "init": "weights to start from: a .safetensors or .tflite file, or a stage (classifier "
                                 "re-initialised unless it fits)",
                         "freeze_backbone": "true: train only the classifier (BatchNorm statistics frozen too)"},
     validate=_validate_train, runner=run_train, ref_keys=("init",), file_refs=("init",),
     doc="supervised training with cross-entropy",
-))
-register_stage_type(StageType(
+)
+DISTILL = StageType(
     name="distill",
     keys={"teacher": "teacher stage name or a .safetensors weights file",
           "train": "train config (zoo.train.TrainConfig keys), over defaults.train",
           "kd": "distillation config (zoo.distill.KDConfig keys), over defaults.kd"},
     validate=_validate_distill, runner=run_distill, ref_keys=("teacher",), file_refs=("teacher",),
     doc="knowledge distillation from a teacher",
-))
-DEFAULT_SECTIONS["train"] = lambda chk, path, d: check_train_config(chk, path, d, partial=True)
-DEFAULT_SECTIONS["kd"] = lambda chk, path, d: check_kd_config(chk, path, d, partial=True)
+)
+
+
+def check_train_defaults(chk: Checker, path: str, d: dict) -> dict[str, Any]:
+    """The `defaults.train` section: train-config keys, each checked on its own."""
+    return check_train_config(chk, path, d, partial=True)
+
+
+def check_kd_defaults(chk: Checker, path: str, d: dict) -> dict[str, Any]:
+    """The `defaults.kd` section: distillation-config keys, each checked on its own."""
+    return check_kd_config(chk, path, d, partial=True)

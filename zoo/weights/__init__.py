@@ -7,37 +7,21 @@ MobileNets (`import_tflite`, zoo.weights.tflite).
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch.nn as nn
-
-from zoo.weights.checkpoint import Checkpoint, read_checkpoint, save_checkpoint, sha256_file
+from zoo.interop import from_timm, from_torchvision
+from zoo.weights.checkpoint import (
+    Checkpoint, load_checkpoint, load_weights, read_checkpoint, save_checkpoint, serialized_size, sha256_file,
+)
 from zoo.weights.cli import add_commands, info_lines
 from zoo.weights.foreign import import_state_dict
 from zoo.weights.tflite import import_tflite
 from zoo.weights.index import (
     WeightsEntry, list_weights, read_index, register_checkpoint, verify_index, weights_for, weights_root,
 )
-from zoo.weights.loading import build_from_checkpoint, create_pretrained, load_weights
-
-
-def from_torchvision(model_or_state_dict: Any, name: str | None = None, check: bool = True) -> nn.Module:
-    """A zoo model carrying a torchvision model's (or state dict's) weights; see zoo.interop."""
-    from zoo.interop import from_torchvision as impl
-
-    return impl(model_or_state_dict, name=name, check=check)
-
-
-def from_timm(model_or_state_dict: Any, name: str | None = None, check: bool = True) -> nn.Module:
-    """A zoo model carrying a timm model's (or state dict's) weights; see zoo.interop."""
-    from zoo.interop import from_timm as impl
-
-    return impl(model_or_state_dict, name=name, check=check)
-
+from zoo.weights.loading import create_pretrained
 
 __all__ = [
-    "Checkpoint", "WeightsEntry", "add_commands", "build_from_checkpoint", "create_pretrained", "from_timm",
-    "from_torchvision", "import_state_dict", "import_tflite", "info_lines", "list_weights", "load_weights", "read_checkpoint",
-    "read_index", "register_checkpoint", "save_checkpoint", "sha256_file", "verify_index", "weights_for",
-    "weights_root",
+    "Checkpoint", "WeightsEntry", "add_commands", "create_pretrained", "from_timm", "from_torchvision",
+    "import_state_dict", "import_tflite", "info_lines", "list_weights", "load_checkpoint", "load_weights",
+    "read_checkpoint", "read_index", "register_checkpoint", "save_checkpoint", "serialized_size", "sha256_file",
+    "verify_index", "weights_for", "weights_root",
 ]

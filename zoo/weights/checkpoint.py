@@ -1,13 +1,22 @@
-"""Checkpoint files: safetensors with the zoo spec in the header; reading, checking and loading them.
+"""Zoo checkpoints: the one reader, loader and writer of them.
+
+A *checkpoint* (in zoo, only this) is a safetensors file written by `save_checkpoint`: the model's
+state tensors (compressed ones encoded by zoo.compress.serialize) plus string metadata in the header:
+`zoo.spec` (registry name, resolved kwargs, compression steps), optionally `zoo.classes`, `zoo.mean`,
+`zoo.std` and any JSON extras. `read_checkpoint` checks a file without reading its tensors (a
+`Checkpoint`); `load_checkpoint` rebuilds its model (registry, then the compression steps) and loads
+the tensors. Every loader of zoo (`zoo.create(weights=)`, `zoo.compress.load`, the recipe engine,
+predict, export, finetune, distill) goes through these two functions.
 
 Only safetensors is accepted. Pickle-based files (torch.save's .pt/.pth/.bin, zip or raw pickle) are
-refused, because unpickling runs arbitrary code. The header carries `zoo.spec` (architecture, kwargs,
-compression, see zoo.io) and optionally `zoo.classes`, `zoo.mean`, `zoo.std`.
+refused, because unpickling runs arbitrary code. Imports point down only: the registry, zoo.compress
+(codec and step replay) and zoo.io (file utilities); tags and the index live above, in zoo.weights.loading.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -16,11 +25,15 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save
 
-from zoo._registry import COMMON_ARGS, MAX_NUM_CLASSES
+from zoo._registry import COMMON_ARGS, MAX_NUM_CLASSES, create, meta_model, model_card, resolve_kwargs
+from zoo.compress._common import is_quantized_model, steps
+from zoo.compress.serialize import build_from_spec, encode_state, is_compressed, params_budget
 from zoo.errors import ZooError
-from zoo.io import save_model, state_tensors
-from zoo.untrusted import (  # PICKLE_SUFFIXES and check_file are also used from here (zoo.weights.loading)
+from zoo.io import atomic_save
+from zoo.spec import attach_spec, model_name, require_spec, spec_of
+from zoo.untrusted import (  # PICKLE_SUFFIXES is also used from here (zoo.weights.loading)
     NONFINITE_HINT, PICKLE_SUFFIXES, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
 )
 
@@ -35,7 +48,7 @@ class Checkpoint:
     """A checked safetensors checkpoint: its path, zoo spec and header metadata (tensors not loaded)."""
 
     path: Path
-    spec: dict[str, Any] | None  # {"name", "kwargs", optional "compression"}; None for a bare file
+    spec: dict[str, Any] | None  # {"name", "kwargs", optional "compression"}; None for another project's file
     metadata: dict[str, Any] = field(default_factory=dict)  # zoo.* header entries other than spec, decoded
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     allow_nonfinite: bool = False  # NaN/inf tensors and statistics load (explicit opt-out of the check)
@@ -173,7 +186,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint, skip_prefix: str | None = None
     NaN/inf tensors are refused unless the checkpoint was read with allow_nonfinite=True.
     """
     keep = (lambda k: not k.startswith(skip_prefix)) if skip_prefix else (lambda k: True)
-    target = describe_spec(getattr(model, "zoo_name", type(model).__name__), getattr(model, "zoo_kwargs", {}))
+    spec = spec_of(model)
+    target = describe_spec(model_name(model), spec.kwargs if spec is not None else {})
     check_fits({k: tuple(v.shape) for k, v in state_tensors(model).items()}, ckpt, target, skip_prefix)
     tensors = {k: v for k, v in load_checkpoint_tensors(ckpt).items() if keep(k)}
     # strict unless the head is skipped (a compressed model's load_state_dict decodes its packed tensors)
@@ -186,32 +200,162 @@ def load_into(model: nn.Module, ckpt: Checkpoint, skip_prefix: str | None = None
         raise ZooError(f"weights {str(ckpt.path)!r}: could not load {_list(left + list(result.unexpected_keys))}")
 
 
-def save_checkpoint(model: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None,
-                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Save a zoo model as safetensors with its spec, class names and input normalisation in the header."""
-    if not hasattr(model, "zoo_name"):
-        raise ZooError("save_checkpoint: the model was not built by zoo.create, so it has no architecture spec")
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        raise ZooError(f"save_checkpoint: path {str(p)!r} must end with .safetensors")
-    kwargs = getattr(model, "zoo_kwargs", {})
-    meta: dict[str, Any] = dict(extra or {})
+RESERVED_KEYS = ("spec", "classes", "mean", "std")  # header entries save_checkpoint writes from its arguments
+
+
+def model_spec(model: nn.Module) -> dict[str, Any]:
+    """The JSON-able `zoo.spec` of a model built by `zoo.create`: name, kwargs and compression steps."""
+    return require_spec(model, "save").header()
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint stores: contiguous, de-aliased CPU tensors (compressed state encoded)."""
+    if is_compressed(model):
+        return encode_state(model)
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        ptr = v.data_ptr() if v.numel() else None
+        if ptr is not None and ptr in seen:  # shared storage: safetensors refuses aliases
+            v = v.clone()
+        if ptr is not None:
+            seen.add(ptr)
+        out[k] = v.detach().contiguous().cpu()
+    return out
+
+
+def serialized_size(model: nn.Module) -> int:
+    """Bytes of the model's tensors as a checkpoint stores them (safetensors header of the tensors included)."""
+    return len(save(state_tensors(model)))
+
+
+def _header(model: nn.Module, classes: Sequence[str] | None, mean: Sequence[float] | None,
+            std: Sequence[float] | None, extra: dict[str, Any] | None) -> dict[str, str]:
+    """The zoo.* header entries of a checkpoint, each checked against the model."""
+    kwargs = require_spec(model, "save_checkpoint").kwargs
+    clash = sorted(set(extra or {}) & set(RESERVED_KEYS))
+    if clash:
+        raise ZooError(f"save_checkpoint: extra key {clash[0]!r} is not allowed; pass classes=, mean= and std= "
+                       f"as arguments (reserved: {', '.join(RESERVED_KEYS)})")
+    meta: dict[str, Any] = {"spec": model_spec(model), **(extra or {})}
     if classes is not None:
         classes = [str(c) for c in classes]
-        n = kwargs.get("num_classes")
-        if n is not None and len(classes) != n:
-            raise ZooError(f"save_checkpoint: {len(classes)} class names given for a model with num_classes={n}")
+        if len(classes) != kwargs["num_classes"]:
+            raise ZooError(f"save_checkpoint: {len(classes)} class names given for a model with "
+                           f"num_classes={kwargs['num_classes']}")
         meta["classes"] = classes
     for key, val in (("mean", mean), ("std", std)):
         if val is None:
             continue
         vals = [float(v) for v in val]
-        c = kwargs.get("in_chans")
-        if c is not None and len(vals) != c:
-            raise ZooError(f"save_checkpoint: {key} has {len(vals)} values for a model with in_chans={c}")
+        if len(vals) != kwargs["in_chans"]:
+            raise ZooError(f"save_checkpoint: {key} has {len(vals)} values for a model with "
+                           f"in_chans={kwargs['in_chans']}")
         if key == "std" and any(v <= 0 for v in vals):
             raise ZooError(f"save_checkpoint: std={vals} must be positive")
         meta[key] = vals
-    save_model(model, p, meta)
+    return {f"zoo.{k}": json.dumps(v) for k, v in meta.items()}
+
+
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write a checkpoint atomically: tensors, spec, class names, input normalisation and JSON extras."""
+    p = Path(path)
+    if p.suffix != ".safetensors":
+        raise ZooError(f"save_checkpoint: path {str(p)!r} must end with .safetensors")
+    header = _header(model, classes, mean, std, extra)
+    atomic_save(state_tensors(model), p, header)
     return p
+
+
+def _annotate(model: nn.Module, ckpt: Checkpoint, provenance: dict[str, Any] | None, reinit_head: bool) -> nn.Module:
+    """Record the header's classes and normalisation in the model's spec, and where the weights came from."""
+    spec = attach_spec(model)
+    spec.mean, spec.std = ckpt.metadata.get("mean"), ckpt.metadata.get("std")
+    spec.classes = None if reinit_head else ckpt.metadata.get("classes")
+    spec.provenance = {"file": str(ckpt.path), **(provenance or {}), "head_reinitialised": reinit_head}
+    return model
+
+
+def _jsonable(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(kwargs))
+
+
+def _saved_kwargs(ckpt: Checkpoint, name: str) -> dict[str, Any]:
+    """The checkpoint's kwargs when it was saved for `name` (checked against the registry), else {}."""
+    spec = ckpt.spec
+    saved = dict(spec.get("kwargs", {})) if spec is not None and spec["name"] == name else {}
+    if saved:
+        try:
+            resolve_kwargs(name, **saved)
+        except ZooError as e:
+            raise ZooError(f"weights {str(ckpt.path)!r}: the saved kwargs no longer fit {name}: {e}") from None
+    return saved
+
+
+def _load_compressed(ckpt: Checkpoint) -> nn.Module:
+    """The smaller / int8 model a compressed checkpoint describes, with its weights; int8 models in eval mode."""
+    model = build_from_spec(ckpt.spec, max_params=params_budget(ckpt.path))
+    check_classes(ckpt, (ckpt.spec.get("kwargs") or {}).get("num_classes"))
+    load_into(model, ckpt)
+    pending_qat = any(s.get("method") == "qat" and not s.get("converted") for s in steps(model))
+    if is_quantized_model(model) and not pending_qat:  # converted int8 models are inference-only
+        model.eval()
+    return model
+
+
+def load_checkpoint(source: str | os.PathLike | Checkpoint, name: str | None = None,
+                    kwargs: dict[str, Any] | None = None, reinit_head: bool = False, allow_nonfinite: bool = False,
+                    provenance: dict[str, Any] | None = None) -> nn.Module:
+    """Rebuild a checkpoint's model and load its weights: the one loader of zoo checkpoints.
+
+    `name` and `kwargs` (given by the caller) override the header's spec; `reinit_head=True` keeps a fresh
+    classifier. The spec is checked against the file on the meta device before anything is allocated.
+    """
+    check_flag("reinit_head", reinit_head)
+    ckpt = source if isinstance(source, Checkpoint) else read_checkpoint(source, allow_nonfinite=allow_nonfinite)
+    kwargs = dict(kwargs or {})
+    spec = ckpt.spec
+    if name is None:
+        if spec is None:
+            raise ZooError(f"{str(ckpt.path)!r} has no zoo.spec header, so the model name must be given; save "
+                           "checkpoints with zoo.weights.save_checkpoint")
+        name = spec["name"]
+    model_card(name)  # unknown model name -> ZooError with suggestions
+    saved = _saved_kwargs(ckpt, name)
+    user = resolve_kwargs(name, **kwargs)  # validates what the caller gave
+    user = {k: user[k] for k in kwargs}
+    n_saved, n_user = saved.get("num_classes"), user.get("num_classes")
+    if n_saved is not None and n_user is not None and n_saved != n_user and not reinit_head:
+        raise ZooError(f"{name}: num_classes={n_user} differs from the {n_saved} classes of the weights "
+                       f"{str(ckpt.path)!r}; pass reinit_head=True to load them with a freshly initialised head, "
+                       f"or leave num_classes out to keep the checkpoint's classes")
+    if spec is not None and spec.get("compression"):
+        if reinit_head or spec["name"] != name or any(_jsonable({k: v})[k] != saved.get(k) for k, v in user.items()):
+            raise ZooError(f"weights {str(ckpt.path)!r} hold a compressed {describe_spec(spec['name'], saved)}; "
+                           f"load it with its own kwargs and without reinit_head")
+        return _annotate(_load_compressed(ckpt), ckpt, provenance, False)
+    merged = {**saved, **user}
+    meta = meta_model(name, **merged)
+    skip = classifier_prefix(meta) if reinit_head else None
+    check_fits({k: tuple(v.shape) for k, v in meta.state_dict().items()}, ckpt,
+               describe_spec(name, meta.spec.kwargs), skip)
+    if not reinit_head:
+        check_classes(ckpt, meta.spec.kwargs["num_classes"])
+    model = create(name, **merged)
+    if reinit_head and (n_user is None or n_user == n_saved) and hasattr(model, "reset_classifier"):
+        model.reset_classifier(model.spec.kwargs["num_classes"])  # asked for a fresh head with the same classes
+    load_into(model, ckpt, skip_prefix=classifier_prefix(model) if reinit_head else None)
+    return _annotate(model, ckpt, provenance, reinit_head)
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike, reinit_head: bool = False,
+                 allow_nonfinite: bool = False) -> nn.Module:
+    """Load a checkpoint's tensors into an existing model in place (tensors must fit exactly)."""
+    check_flag("reinit_head", reinit_head)
+    ckpt = read_checkpoint(weights, allow_nonfinite=allow_nonfinite)
+    load_into(model, ckpt, skip_prefix=classifier_prefix(model) if reinit_head else None)
+    return _annotate(model, ckpt, None, reinit_head)

@@ -44,7 +44,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
             raise ZooError(f"--compression {args.compression!r} is not JSON: {e}") from None
     metrics = dict(_metric(m) for m in args.metric)
     e = register_checkpoint(args.path, args.tag, args.dataset, metrics, args.recipe, compression,
-                            weights_dir=args.weights_dir, replace=args.replace)
+                            weights_dir=args.weights_dir, replace=args.replace, url=args.url)
     print(f"added {_row(e)}  sha256={e.sha256}")
     return 0
 
@@ -121,7 +121,9 @@ def add_commands(sub: Any) -> None:
     """Add `zoo weights {add,list,verify,import}` to the zoo CLI."""
     p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints; import foreign ones",
                        description="Manage weights/index.json (folder: --weights-dir, else $ZOO_WEIGHTS_DIR, "
-                                   "else <repo>/weights).")
+                                   "else the weights installed with zoo, the package zoo._weights). A file the "
+                                   "folder lacks is downloaded from its url into $ZOO_HOME/weights "
+                                   "(default ~/.cache/zoo/weights) when first loaded, and checked against its sha256.")
     ws = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True, parser_class=type(p))
     a = ws.add_parser("add", help="copy a checkpoint into the weights folder and index it")
     a.add_argument("path", help="a .safetensors file written by zoo.weights.save_checkpoint")
@@ -132,11 +134,12 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--recipe", required=True, help="the recipe that produced the checkpoint")
     a.add_argument("--compression", default=None, help="JSON description of the compression applied")
     a.add_argument("--replace", action="store_true", help="update an existing entry")
+    a.add_argument("--url", default=None, help="where the file is published (default: zoo's weights release URL)")
     a.set_defaults(func=_cmd_add)
     lst = ws.add_parser("list", help="list indexed weights")
     lst.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ARCH.TAG or TAG")
     lst.set_defaults(func=_cmd_list)
-    v = ws.add_parser("verify", help="re-hash every indexed file (exit code 1 on a mismatch)")
+    v = ws.add_parser("verify", help="re-hash every indexed file, local or downloaded (exit code 1 on a mismatch)")
     v.add_argument("--evaluate", action="store_true",
                    help="also re-measure each checkpoint's top-1 on its dataset's held-out split and compare it "
                         "with the index (entries whose dataset is not on this machine are skipped, with why)")
@@ -144,7 +147,7 @@ def add_commands(sub: Any) -> None:
     _add_import(ws)
     for q in (a, lst, v):
         q.add_argument("--weights-dir", default=None,
-                       help="weights folder (default $ZOO_WEIGHTS_DIR or <repo>/weights)")
+                       help="weights folder (default $ZOO_WEIGHTS_DIR, else the one installed with zoo)")
 
 
 def info_lines(name: str) -> list[str]:

@@ -49,7 +49,8 @@ def evaluate_entry(entry: WeightsEntry, weights_dir: str | os.PathLike | None = 
     recorded = entry.metrics.get("top1")
     model = create(entry.architecture, weights=str(entry_path(entry, weights_dir)))
     try:  # the dataset may simply not be on this machine (MNIST and CIFAR files live outside the repo)
-        _, val, info = get_loaders(entry.dataset, model.default_input_size, batch_size=batch_size)
+        norm = {k: v for k, v in (("mean", model.spec.mean), ("std", model.spec.std)) if v is not None}
+        _, val, info = get_loaders(entry.dataset, model.spec.input_size, batch_size=batch_size, **norm)
     except ZooError as e:
         return Measured(entry, recorded, None, skipped=str(e).split("; ")[0])
     if entry.classes is not None and info.class_names != entry.classes:

@@ -76,7 +76,7 @@ def foreign_order(shapes: dict[str, tuple[int, ...]]) -> list[str]:
 
 
 def _describe(model: nn.Module) -> str:
-    return describe_spec(model.zoo_name, model.zoo_kwargs)
+    return describe_spec(model.spec.name, model.spec.kwargs)
 
 
 def match_tensors(foreign: dict[str, tuple[int, ...]], model: nn.Module, source: str) -> list[tuple[str, str]]:

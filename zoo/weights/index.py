@@ -1,13 +1,16 @@
 """The weights index: `weights/index.json` lists every committed checkpoint with its provenance.
 
-Each entry gives the tag, architecture and kwargs, dataset, metrics, compression, sha256, file and
-the recipe that produced it. The folder is `<repo>/weights` unless `ZOO_WEIGHTS_DIR` (or a
-`weights_dir` argument) points elsewhere.
+Each entry gives the tag, architecture and kwargs, dataset, metrics, compression, sha256, file, the
+URL the file is published at and the recipe that produced it. The folder is the one installed with zoo
+(the repository's `weights/`, shipped as the package data `zoo._weights`) unless `ZOO_WEIGHTS_DIR` (or
+a `weights_dir` argument) points elsewhere. A file missing from the folder is downloaded from its URL
+into the cache (zoo.weights.hub) and checked against its sha256.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib.resources
 import json
 import math
 import os
@@ -20,10 +23,12 @@ from typing import Any
 
 from zoo.errors import ZooError
 from zoo.untrusted import parse_json, read_text, short_repr
-from zoo.weights.checkpoint import describe_spec, read_checkpoint, sha256_file
+from zoo.weights.checkpoint import describe_spec, load_checkpoint, read_checkpoint, sha256_file
+from zoo.weights.hub import cache_dir, check_sha256, check_url, fetch, release_url
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
+PACKAGE = "zoo._weights"  # the repository's weights/ folder, installed as package data (pyproject.toml)
 MAX_TOTAL_MB = 20.0  # all committed checkpoints together stay under this
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -33,6 +38,7 @@ _ENTRY_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "dataset": ((str,), "a string"), "metrics": ((dict,), "an object"), "sha256": ((str,), "64 hex digits"),
     "file": ((str,), "a file name inside the weights folder"), "size_bytes": ((int,), "an int"),
     "recipe": ((str,), "a string"), "classes": ((list, type(None)), "a list of strings or null"),
+    "url": ((str, type(None)), "an https, http or file URL, or null"),
 }
 
 
@@ -49,6 +55,7 @@ class WeightsEntry:
     file: str  # relative to the weights folder
     size_bytes: int
     recipe: str
+    url: str | None = None  # where the file is published, for users whose install lacks it
     compression: Any = None  # what was applied: given at registration, else a summary of the header's steps
     classes: list[str] | None = field(default=None, compare=False)
 
@@ -67,13 +74,26 @@ class WeightsEntry:
 
 
 def weights_root(path: str | os.PathLike | None = None) -> Path:
-    """The weights folder: `path`, else $ZOO_WEIGHTS_DIR, else `<repo>/weights`."""
+    """The weights folder: `path`, else $ZOO_WEIGHTS_DIR, else the one installed with zoo (`zoo._weights`)."""
     if path is not None:
         return Path(path)
     env = os.environ.get("ZOO_WEIGHTS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "weights"
+    return packaged_root()
+
+
+def packaged_root() -> Path:
+    """The weights folder installed with zoo: the package data `zoo._weights` (the repository's weights/)."""
+    try:
+        root = importlib.resources.files(PACKAGE)
+    except ModuleNotFoundError:
+        raise ZooError(f"the weights package {PACKAGE!r} is not installed with this zoo; reinstall zoo "
+                       "(`pip install .`, or `pip install -e .` in a checkout) or set $ZOO_WEIGHTS_DIR") from None
+    if not isinstance(root, Path):
+        raise ZooError(f"the weights package {PACKAGE!r} is inside {str(root)!r}, not a folder on disk; install zoo "
+                       "unzipped or set $ZOO_WEIGHTS_DIR to a folder holding index.json")
+    return root
 
 
 def read_index(wdir: str | os.PathLike | None = None) -> list[WeightsEntry]:
@@ -104,6 +124,8 @@ def _entry(e: Any, i: int, p: Path) -> WeightsEntry:
     if not _SHA_RE.match(e["sha256"]):
         raise ZooError(f"{where}: sha256={short_repr(e['sha256'])} is not allowed; expected 64 lowercase hex digits")
     check_file_name(e["file"], where)
+    if e.get("url") is not None:
+        check_url(e["url"], where)
     return WeightsEntry(**e)
 
 
@@ -115,7 +137,7 @@ def check_file_name(name: str, where: str) -> str:
     return name
 
 
-def entry_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Path:
+def local_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Path:
     """The entry's file in the weights folder; ZooError if it resolves anywhere else (e.g. through a symlink)."""
     root = weights_root(wdir)
     path = root / check_file_name(entry.file, f"weights entry {entry.name}")
@@ -123,6 +145,17 @@ def entry_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Pa
         raise ZooError(f"weights entry {entry.name}: {str(path)!r} resolves to {str(path.resolve())!r}, outside the "
                        f"weights folder {str(root)!r}; index files must live in that folder")
     return path
+
+
+def entry_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Path:
+    """The entry's checkpoint: its file in the weights folder, else the cached download of its url."""
+    path = local_path(entry, wdir)
+    if path.is_file():
+        return path
+    if entry.url is None:
+        raise ZooError(f"weights entry {entry.describe()}: {str(path)!r} does not exist and the index gives no url "
+                       "to download it from")
+    return fetch(entry.url, entry.file, entry.sha256)
 
 
 def write_index(entries: list[WeightsEntry], wdir: str | os.PathLike | None = None) -> Path:
@@ -199,10 +232,10 @@ def summarize_compression(spec: dict[str, Any]) -> list[dict[str, Any]] | None:
 
 def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics: dict[str, float], recipe: str,
                         compression: Any = None, *, weights_dir: str | os.PathLike | None = None,
-                        replace: bool = False, max_total_mb: float = MAX_TOTAL_MB) -> WeightsEntry:
-    """Copy a checkpoint into the weights folder, hash it and add (or with `replace`, update) its index entry."""
-    from zoo.weights.loading import build_from_checkpoint  # verifies the file really loads
-
+                        replace: bool = False, max_total_mb: float = MAX_TOTAL_MB,
+                        url: str | None = None) -> WeightsEntry:
+    """Copy a checkpoint into the weights folder, hash it and add (or with `replace`, update) its index entry;
+    `url` is where the file is published (default: zoo's weights release, RELEASE_URL + file name)."""
     if not isinstance(tag, str) or not _TAG_RE.match(tag):
         raise ZooError(f"tag={tag!r} is not allowed; expected letters, digits, '_', '.' or '-'")
     for label, val in (("dataset", dataset), ("recipe", recipe)):
@@ -214,13 +247,16 @@ def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics
         raise ZooError(f"{str(ckpt.path)!r} has no zoo.spec header; save it with zoo.weights.save_checkpoint")
     if compression is not None and not isinstance(compression, (dict, list, str)):
         raise ZooError(f"compression={compression!r} is not allowed; expected a JSON-able dict, list or string")
-    model = build_from_checkpoint(ckpt)
+    if url is not None and not isinstance(url, str):
+        raise ZooError(f"url={url!r} is not allowed; expected a URL string")
+    url = check_url(url if url is not None else release_url(ckpt.path.name), f"weights file {ckpt.path.name!r}")
+    model = load_checkpoint(ckpt)  # verifies the file really loads
     d = weights_root(weights_dir)
     d.mkdir(parents=True, exist_ok=True)
     dest = d / ckpt.path.name
     digest = sha256_file(ckpt.path)
     entries = read_index(d)
-    same = [e for e in entries if e.architecture == model.zoo_name and e.tag == tag and e.kwargs == model.zoo_kwargs]
+    same = [e for e in entries if e.architecture == model.spec.name and e.tag == tag and e.kwargs == model.spec.kwargs]
     if same and not replace:
         raise ZooError(f"{same[0].describe()} is already in the index; pass replace=True (--replace) to update it")
     others = [e for e in entries if e not in same]
@@ -235,8 +271,8 @@ def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics
             raise ZooError(f"{str(dest)!r} exists with different contents; pass replace=True to overwrite it")
         shutil.copyfile(ckpt.path, dest)
     entry = WeightsEntry(
-        tag=tag, architecture=model.zoo_name, kwargs=dict(model.zoo_kwargs), dataset=dataset, metrics=metrics,
-        sha256=digest, file=dest.name, size_bytes=dest.stat().st_size, recipe=recipe,
+        tag=tag, architecture=model.spec.name, kwargs=dict(model.spec.kwargs), dataset=dataset, metrics=metrics,
+        sha256=digest, file=dest.name, size_bytes=dest.stat().st_size, recipe=recipe, url=url,
         compression=compression if compression is not None else summarize_compression(ckpt.spec),
         classes=ckpt.metadata.get("classes"),
     )
@@ -245,17 +281,24 @@ def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics
 
 
 def verify_index(weights_dir: str | os.PathLike | None = None) -> list[str]:
-    """Problems found re-hashing every indexed file (an empty list means all files are intact)."""
+    """Problems found re-hashing every indexed file, in the weights folder or else in the download cache
+    (an empty list means all files are intact); nothing is downloaded."""
     d = weights_root(weights_dir)
     problems = []
     for e in read_index(d):
         try:
-            p = entry_path(e, d)
+            p = local_path(e, d)
         except ZooError as err:
             problems.append(str(err))
             continue
+        if not p.is_file() and (cache_dir() / e.file).is_file():
+            p = cache_dir() / e.file
         if not p.is_file():
-            problems.append(f"{e.describe()}: file {e.file!r} is missing")
-        elif sha256_file(p) != e.sha256:
-            problems.append(f"{e.describe()}: sha256 of {e.file!r} does not match the index")
+            problems.append(f"{e.describe()}: file {e.file!r} is missing from {str(d)!r} and not downloaded to "
+                            f"{str(cache_dir())!r}")
+            continue
+        try:
+            check_sha256(p, e.sha256, f"{e.describe()}: {str(p)!r}", "the file does not match the index")
+        except ZooError as err:
+            problems.append(str(err))
     return problems
