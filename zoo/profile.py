@@ -7,7 +7,10 @@ Conventions (those of the MobileNet / ShuffleNet / ResNet papers):
   convs are counted correctly; a linear layer costs out_features * in_features per output row.
   Biases, batch norm, activations, pooling and additions are not counted. int8-converted modules
   (torch.ao.nn.quantized Conv2d / ConvReLU2d / Linear / LinearReLU and quantized.dynamic.Linear) are
-  counted from their weight shapes, exactly like their float originals.
+  counted from their weight shapes, exactly like their float originals. A model with no conv/linear
+  modules at all (a torch.export / PT2E int8 graph calls them as functions) is counted from its
+  aten convolution and matrix-multiply ops under torch.utils.flop_counter (2 flops per MAC), which
+  gives the same numbers as the module count of its float original.
 * `flops_fvcore` is fvcore's `FlopCountAnalysis` total. fvcore counts one fused multiply-add as ONE
   flop, so for these CNNs it is close to `macs`; it also counts a few extra ops (batch norm as two
   flops per element, adaptive average pooling), so it is slightly larger. It is None, with the reason
@@ -32,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 import torch.ao.nn.quantized as nnq
+from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.errors import ZooError
 from zoo.spec import input_size as input_size_of, model_name
@@ -225,9 +229,24 @@ def layer_stats(model: nn.Module, input_size: Sequence[int]) -> list[LayerStat]:
     return rows
 
 
+def _functional_macs(model: nn.Module, input_size: Sequence[int]) -> int:
+    """Conv + matmul MACs of one batch-1 forward, counted on aten ops (for graphs without conv/linear modules)."""
+    counter = FlopCounterMode(display=False)
+    with _Mode(model), torch.no_grad(), counter:
+        model(torch.zeros(1, *input_size, device=_device(model)))
+    return counter.get_total_flops() // 2
+
+
+def _macs(model: nn.Module, rows: list[LayerStat], input_size: Sequence[int]) -> int:
+    if any(isinstance(m, _CONV + _LINEAR) for m in model.modules()):
+        return sum(r.macs for r in rows)
+    return _functional_macs(model, input_size)
+
+
 def count_macs(model: nn.Module, input_size: Sequence[int] | None = None) -> int:
-    """Conv + linear multiply-accumulates per sample (hooks only, no fvcore)."""
-    return sum(r.macs for r in layer_stats(model, input_size_of(model, input_size, what="input_size")))
+    """Conv + linear multiply-accumulates per sample (hooks, or aten ops for graphs; no fvcore)."""
+    size = input_size_of(model, input_size, what="input_size")
+    return _macs(model, layer_stats(model, size), size)
 
 
 def _fvcore_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int | None, str | None]:
@@ -338,7 +357,7 @@ def profile(model: nn.Module, input_size: Sequence[int] | int | None = None, lat
     nonzero, sparsity, saved = _sparsity(model)
     lat = measure_latency(model, size, batch_size) if latency else None
     return Profile(
-        params=count_params(model), macs=sum(r.macs for r in rows), flops_fvcore=flops_fv,
+        params=count_params(model), macs=_macs(model, rows, size), flops_fvcore=flops_fv,
         size_bytes=size_bytes, nonzero_params=nonzero, sparsity=sparsity,
         sparse_size_bytes=None if size_bytes is None else size_bytes - saved, latency_ms=lat,
         input_size=size, batch_size=batch_size, layers=rows, notes=notes,

@@ -97,8 +97,9 @@ def _eval(self: nn.Module) -> nn.Module:
     return _train(self, False)
 
 
-def copy_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """Give a graph a copy of `src`'s spec (zoo.spec), its ZooModel attributes and a working train()/eval()."""
+def copy_attrs(src: nn.Module, dst: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
+    """Give a graph a copy of `src`'s spec (zoo.spec), its ZooModel attributes and a working train()/eval();
+    with the `example` it was traced on, the one input side it accepts."""
     dst.train = types.MethodType(_train, dst)  # profile / recipes call .eval() and .train()
     dst.eval = types.MethodType(_eval, dst)
     if spec_of(src) is not None:
@@ -106,6 +107,8 @@ def copy_attrs(src: nn.Module, dst: nn.Module) -> nn.Module:
     for a in ZOO_ATTRS:
         if hasattr(src, a):
             setattr(dst, a, getattr(src, a))
+    if example is not None and example.dim() == 4 and example.shape[2] == example.shape[3]:
+        dst.fixed_input_size = int(example.shape[2])  # the graph is specialised to the side it was traced at
     return dst
 
 
@@ -138,7 +141,7 @@ def quantize_static(model: nn.Module, backend: str, calibration: list[torch.Tens
         for x in calibration or [example]:  # dynamic: one pass so the weight observers see the weights
             prepared(x)
         out = q.convert_pt2e(prepared)
-    return copy_attrs(model, out)
+    return copy_attrs(model, out, example)
 
 
 def prepare_qat(model: nn.Module, backend: str, calibration: list[torch.Tensor] | None,
@@ -149,7 +152,7 @@ def prepare_qat(model: nn.Module, backend: str, calibration: list[torch.Tensor] 
     with quiet_export():
         quantizer = make_quantizer(backend, qat=True, reduce_range=reduce_range)
         prepared = q.prepare_qat_pt2e(capture(model, example, train=True), quantizer)
-    copy_attrs(model, prepared)
+    copy_attrs(model, prepared, example)
     if calibration:
         with quiet_export(), eval_mode(prepared), torch.no_grad():
             for x in calibration:

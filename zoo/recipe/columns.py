@@ -40,6 +40,20 @@ def _ref(key: str) -> Callable[[dict], str]:
     return f
 
 
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}"
+
+
+def _delta(r: dict) -> float | None:
+    """This row's top-1 minus the top-1 of the dense model at the start of its `from` chain."""
+    return None if r.get("dense_top1") is None or r.get("from") is None else r["top1"] - r["dense_top1"]
+
+
+def _ref_delta(r: dict) -> float | None:
+    ref = r.get("reference") or {}
+    return None if ref.get("top1") is None or ref.get("base_top1") is None else ref["top1"] - ref["base_top1"]
+
+
 def _errors_cell(r: dict) -> str:
     m, s = _row_errors(r)
     return "-" if m is None else f"{pm(m, s, 1 if s is not None else 0)} / {r['num_val']:,}"
@@ -78,6 +92,10 @@ COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "ref_params": ("paper weights", _ref("params")),
     "nz_reduction": ("fewer nonzero params", lambda r: "-" if not r.get("nonzero_params") or not r.get("dense_params")
                      else f"{r['dense_params'] / r['nonzero_params']:.1f}x"),
+    "delta_top1": ("top-1 change (points)", lambda r: _signed(_delta(r))),
+    "ref_delta_top1": ("published change (points)", lambda r: _signed(_ref_delta(r))),
+    "mac_reduction": ("fewer MACs", lambda r: "-" if not r.get("dense_macs") or not r.get("macs")
+                      else f"{r['dense_macs'] / r['macs']:.2f}x"),
     "ratio": ("compression ratio", lambda r: "-" if r.get("compression_ratio") is None
               else f"{r['compression_ratio']:.1f}x"),
 }

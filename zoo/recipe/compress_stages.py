@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from zoo.compress import (BACKENDS, CRITERIA, GRANULARITIES, METHODS, OBSERVERS, SCOPES, convert, low_rank,
                           make_permanent, prune, prune_iterative, quantize, snip, sparsity)
+from zoo.compress.pt2e import is_pt2e
 from zoo.recipe.checks import Checker, check_train_config, train_config
 from zoo.recipe.registry import StageContext, StageType
 from zoo.train import evaluate, fit
@@ -232,12 +233,13 @@ def _train_batches(ctx: StageContext, n: int, batch_size: int = DEFAULT_BATCH_SI
     return out
 
 
-def _finetune_run(ctx: StageContext, model: nn.Module, sub: str) -> dict[str, Any]:
-    """Fine-tune in place with the stage's finetune config (checkpoints in <stage dir>/<sub>)."""
+def _finetune_run(ctx: StageContext, model: nn.Module, sub: str, checkpoints: bool = True) -> dict[str, Any]:
+    """Fine-tune in place with the stage's finetune config (checkpoints in <stage dir>/<sub>, unless the
+    model has no storage form while it trains: a PT2E fake-quant graph reruns its stage if interrupted)."""
     cfg = train_config(ctx.options["train"], ctx.seed)
     train_loader, val_loader, _ = ctx.loaders(cfg.batch_size)
-    result = fit(model, train_loader, val_loader, cfg, out_dir=None if ctx.dir is None else ctx.dir / sub,
-                 resume=False, meta=ctx.meta)
+    out_dir = None if ctx.dir is None or not checkpoints else ctx.dir / sub
+    result = fit(model, train_loader, val_loader, cfg, out_dir=out_dir, resume=False, meta=ctx.meta)
     ctx.report.setdefault("finetunes", []).append(result)
     return {"epochs": len(result.history), "top1": float(result.final["top1"])}
 
@@ -325,7 +327,7 @@ def run_quantize(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     if "train" in o:
         # (a QAT model's observers have seen no data before its fine-tune: no meaningful int8 accuracy yet)
         before = None if o["method"] == "qat" else _evaluate(ctx, model)
-        ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+        ft_epochs = _finetune_run(ctx, model, "finetune", checkpoints=not is_pt2e(model))["epochs"]
         model = model.cpu()
     if o["method"] == "qat":
         model = convert(model)

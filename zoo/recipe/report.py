@@ -81,14 +81,22 @@ def _root_stage(recipe: Recipe, stage: str) -> str:
     return stage
 
 
-def _dense_ref(run: Run, stage: str, seed: int, cache: dict[str, tuple[int, int]]) -> tuple[int, int]:
-    """(serialized fp32 bytes, nonzero params) of the dense root model of `stage`'s `from` chain."""
+def _dense_ref(run: Run, stage: str, seed: int, cache: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(serialized fp32 bytes, nonzero params, MACs) of the dense root model of `stage`'s `from` chain."""
     root = _root_stage(run.recipe, stage)
     if root not in cache:
         eff = run.effective_seed(run.recipe.stages[root], seed)
         m = load_checkpoint(run.stage_dir(root, eff) / "model.safetensors")
-        cache[root] = (serialized_size(m), profile(m, input_size=run.recipe.input_size, flops=False).nonzero_params)
+        p = profile(m, input_size=run.recipe.input_size, flops=False)
+        cache[root] = (serialized_size(m), p.nonzero_params, p.macs)
     return cache[root]
+
+
+def _dense_top1(run: Run, records: dict[str, dict[int, dict]], stage: str, seed: int) -> float | None:
+    """Top-1 of the dense root model of `stage`'s `from` chain at the first seed (None if it is not recorded)."""
+    root = _root_stage(run.recipe, stage)
+    rec = records.get(root, {}).get(run.effective_seed(run.recipe.stages[root], seed))
+    return None if rec is None else float(rec["metrics"]["top1"])
 
 
 def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int], wall_s: float) -> dict[str, Any]:
@@ -96,7 +104,7 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
     recipe = run.recipe
     rows: list[dict[str, Any]] = []
     label_of = {r.stage: r.label for r in recipe.rows}
-    dense_cache: dict[str, tuple[int, int]] = {}
+    dense_cache: dict[str, tuple[int, int, int]] = {}
     for row in recipe.rows:
         spec = recipe.stages[row.stage]
         recs = [records[row.stage][k] for k in sorted(records[row.stage])]
@@ -112,10 +120,11 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
         m1, s1 = mean_std(top1)
         m5, s5 = mean_std(top5)
         pre = [r["metrics"].get("top1_before_finetune") for r in recs]
-        dense, dense_nz = _dense_ref(run, row.stage, seeds[0], dense_cache)
+        dense, dense_nz, dense_macs = _dense_ref(run, row.stage, seeds[0], dense_cache)
         stored = prof.get("sparse_size_bytes")
         comp = {"top1_pre": statistics.fmean(pre) if pre and None not in pre else None,
-                "dense_size_bytes": dense, "dense_params": dense_nz,
+                "dense_size_bytes": dense, "dense_params": dense_nz, "dense_macs": dense_macs,
+                "dense_top1": _dense_top1(run, records, row.stage, seeds[0]),
                 "compression_ratio": dense / stored if stored else None}
         rows.append({
             "stage": row.stage, "label": row.label, "type": spec.type, "model": spec.model,
@@ -232,6 +241,11 @@ def render_markdown(res: dict[str, Any]) -> str:
                         if "nz_reduction" in cols else "")
                      + ". MACs count dense compute: unstructured zeros are not skipped.")
         lines.append("")
+    if any(c in cols for c in ("delta_top1", "ref_delta_top1", "mac_reduction")):
+        lines.append("Top-1 change: this row's top-1 minus the top-1 of the dense model at the start of its `from` "
+                     "chain; published change: the same difference in the cited work. Fewer MACs: MACs of that "
+                     "dense model / this model's.")
+        lines.append("")
     th = env["train_threads"]
     th_text = (f"{th} torch thread{'s' if th > 1 else ''}" if isinstance(th, int)
                else "torch threads " + ", ".join(map(str, th)) + " (stages trained in different runs)")
@@ -333,7 +347,7 @@ RESULT_TYPES: dict[str, tuple[type, ...]] = {
 }
 ROW_NUMBERS = ("top1", "top1_std", "top5", "top5_std", "num_val", "time_s", "params", "macs", "size_bytes",
                "latency_ms", "top1_pre", "nonzero_params", "sparsity", "sparse_size_bytes", "dense_params",
-               "dense_size_bytes", "compression_ratio")
+               "dense_size_bytes", "compression_ratio", "dense_macs", "dense_top1")
 
 
 def _number(v: Any) -> bool:

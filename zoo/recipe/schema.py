@@ -90,7 +90,9 @@ DATASET_KEYS = {
 }
 ROW_KEYS = {"stage": "stage name", "label": "row label (default: model and kwargs)",
             "reference": "published numbers: {top1, errors_per_10k, source}; null values mean absent"}
-REFERENCE_KEYS = {"top1": "published top-1 (%) or null", "errors_per_10k": "published test errors per 10,000",
+REFERENCE_KEYS = {"top1": "published top-1 (%) or null",
+                  "base_top1": "published top-1 (%) of the model it was compressed from (gives the published change)",
+                  "errors_per_10k": "published test errors per 10,000",
                   "params": "published (nonzero) weight count or null", "source": "citation for the numbers"}
 TOLERANCE_KEYS = {"top1": "max |diff| of top-1 in points", "params": "max |diff| of parameter counts",
                   "macs": "max |diff| of MACs", "size_kb": "max |diff| of serialized size in KB"}
@@ -404,7 +406,7 @@ def _table(chk: Checker, t: Any, stages: dict[str, StageSpec]) -> tuple[list[Row
             raise chk.fail(f"{p}.stage", f"{short_value(stage)} is not a stage; allowed: " + ", ".join(stages))
         label = chk.typed(r.get("label", default_label(stages[stage])), f"{p}.label", "str")
         ref = dict(chk.mapping(r.get("reference", {}) or {}, f"{p}.reference", REFERENCE_KEYS))
-        for k in ("top1", "errors_per_10k", "params"):
+        for k in ("top1", "base_top1", "errors_per_10k", "params"):
             if ref.get(k) is not None:
                 ref[k] = chk.typed(ref[k], f"{p}.reference.{k}", "float")
         if "source" in ref:
