@@ -23,7 +23,6 @@ from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
 from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
 from zoo.recipe.schema import Recipe, load_recipe
 from zoo.untrusted import clip, parse_json, read_text, short_repr
-from zoo.weights.checkpoint import serialized_size
 
 RESULTS_VERSION = 1
 
@@ -88,7 +87,7 @@ def _dense_ref(run: Run, stage: str, seed: int, cache: dict[str, tuple[int, int,
         eff = run.effective_seed(run.recipe.stages[root], seed)
         m = load_checkpoint(run.stage_dir(root, eff) / "model.safetensors")
         p = profile(m, input_size=run.recipe.input_size, flops=False)
-        cache[root] = (serialized_size(m), p.nonzero_params, p.macs)
+        cache[root] = (p.size_bytes, p.nonzero_params, p.macs)  # size_bytes: serialized_size, already run
     return cache[root]
 
 
