@@ -12,7 +12,10 @@ fp32 eager and fp32 torch.compile, at batch 1.
 
 The round_to table prunes 50% of the channels (L1 magnitude) in global and layer scope with kept counts
 rounded up to multiples of 8 / 16 (prune(..., round_to=N)) or not, and times dense and all of them
-interleaved: the ratio to dense is the pruned latency, MACs/dense the work left.
+interleaved, in fp32 on each of three runtimes: eager NCHW (zoo's default), eager channels_last (the
+model converted with .to(memory_format=torch.channels_last), the input likewise) and an ExecuTorch
+program with the XNNPACK delegate. The ratio to the dense model on the same runtime is the pruned
+latency, MACs/dense the work left.
 
 Weights are random (latency does not depend on them); int8 is calibrated on random batches.
 """
@@ -20,11 +23,14 @@ Weights are random (latency does not depend on them); int8 is calibrated on rand
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,6 +38,8 @@ import torch.nn as nn
 
 import zoo
 import zoo.compress as zc
+from zoo.deploy import executorch_program, set_threads
+from zoo.export import load_executorch
 from zoo.profile import count_macs
 
 
@@ -101,12 +109,30 @@ def compress_table(names: list[str], size: int, batches: list[int], repeats: int
                   + " ".join(f"{t[c] / t['fp32']:8.2f}" for c in cols[1:]) + f"   {macs:.2f}", flush=True)
 
 
+RUNTIMES = ("eager", "channels_last", "executorch")  # where the round_to table runs each model (fp32)
+
+
+def runtime_call(model: nn.Module, x: torch.Tensor, runtime: str, folder: Path) -> Callable[[], object]:
+    """A no-argument call of `model` on `x` in fp32: eager NCHW, eager channels_last, or ExecuTorch XNNPACK."""
+    if runtime == "eager":
+        return lambda: model(x)
+    if runtime == "channels_last":
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        return lambda: cl(xc)
+    path = folder / f"m{len(list(folder.iterdir()))}.pte"
+    path.write_bytes(executorch_program(model, x))
+    prog = load_executorch(path)
+    return lambda: prog(x)
+
+
 def round_table(names: list[str], size: int, batches: list[int], repeats: int, scopes: list[str],
-                rounds: list[int | None]) -> None:
-    """Print dense vs 50% channel-pruned latency for each scope and round_to, interleaved, with ratios."""
-    print(f"\n== 50% channel pruning (L1 magnitude) with round_to: latency / dense; {size}px, "
+                rounds: list[int | None], runtimes: list[str]) -> None:
+    """Print dense vs 50% channel-pruned latency per runtime, scope and round_to, all interleaved, with ratios
+    to the dense model on the same runtime."""
+    print(f"\n== 50% channel pruning (L1 magnitude) with round_to: latency / dense on the same runtime; {size}px, "
           f"{torch.get_num_threads()} threads, median ms over {repeats} interleaved repeats (fewer at batch>1) ==")
-    print(f"{'model':14s} {'scope':6s} {'round_to':>8s} {'MACs/dense':>10s} "
+    print(f"{'model':14s} {'runtime':13s} {'scope':6s} {'round_to':>8s} {'MACs/dense':>10s} "
           + " ".join(f"{'ms b' + str(b):>9s} {'ratio b' + str(b):>9s}" for b in batches))
     for name in names:
         m = build(name, size)
@@ -116,17 +142,19 @@ def round_table(names: list[str], size: int, batches: list[int], repeats: int, s
             for r in rounds:
                 models[f"{scope} {r}"] = zc.prune(m, 0.5, "magnitude", "channel", scope, p=1, round_to=r)
         times = {}
-        for b in batches:
-            x = torch.randn(b, 3, size, size)
-            with torch.inference_mode():
-                v = {k: (lambda mm=mm: mm(x)) for k, mm in models.items()}
-                times[b] = interleaved(v, repeats if b == 1 else max(3, repeats // 3), warmup=2)
-        for k, mm in models.items():
-            scope, r = ("-", "-") if k == "dense" else k.split(" ")
-            macs = count_macs(mm, (3, size, size)) / dense_macs
-            print(f"{name:14s} {scope:6s} {r:>8s} {macs:10.3f} "
-                  + " ".join(f"{times[b][k]:9.2f} {times[b][k] / times[b]['dense']:9.3f}" for b in batches),
-                  flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for b in batches:
+                x = torch.randn(b, 3, size, size)
+                with torch.inference_mode():
+                    v = {(rt, k): runtime_call(mm, x, rt, Path(tmp)) for rt in runtimes for k, mm in models.items()}
+                    times[b] = interleaved(v, repeats if b == 1 else max(3, repeats // 3), warmup=2)
+        for rt in runtimes:
+            for k, mm in models.items():
+                scope, r = ("-", "-") if k == "dense" else k.split(" ")
+                macs = count_macs(mm, (3, size, size)) / dense_macs
+                print(f"{name:14s} {rt:13s} {scope:6s} {r:>8s} {macs:10.3f} "
+                      + " ".join(f"{times[b][rt, k]:9.2f} {times[b][rt, k] / times[b][rt, 'dense']:9.3f}"
+                                 for b in batches), flush=True)
 
 
 def pt2e_int8(m: nn.Module, x: torch.Tensor, cal: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -194,17 +222,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="pruning scopes of the round_to table")
     ap.add_argument("--round-to", nargs="+", default=["none", "8", "16"],
                     help="round_to values of the round_to table ('none': no rounding)")
+    ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
+                    help="fp32 runtimes of the round_to table (default all: eager NCHW, eager channels_last, "
+                         "ExecuTorch XNNPACK)")
     args = ap.parse_args(argv)
     rounds = [None if r.lower() == "none" else int(r) for r in args.round_to]
     if args.threads:
         torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}, "
           f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f}")
     if "compress" in args.tables:
         compress_table(args.models, args.size, args.batches, args.repeats)
     if "round" in args.tables:
-        round_table(args.models, args.size, args.batches, args.repeats, args.scopes, rounds)
+        round_table(args.models, args.size, args.batches, args.repeats, args.scopes, rounds, args.runtimes)
     if "flow" in args.tables and not args.no_pt2e:
         flow_table(args.models, args.size, args.repeats)
     if "flow" in args.tables and not args.no_pt2e:

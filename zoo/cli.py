@@ -1,6 +1,6 @@
 """The `zoo` command line: an argparse dispatcher over subcommands contributed by zoo modules.
 
-Core commands live here (`list`, `profile`, `info`). Every module named in COMMAND_MODULES defines
+Core commands live here (`list`, `info`; `zoo profile` and `zoo tables` live in zoo/tables.py). Every module named in COMMAND_MODULES defines
 `add_commands(subparsers)`, which adds its subcommands and sets `func=callable(args) -> int` with
 `set_defaults`. A module there may also define `info_lines(name: str) -> list[str]`; `zoo info NAME`
 prints those lines after the model card (e.g. the weights available for the model).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "zoo.tables", "zoo.train", "zoo.finetune", "zoo.predict", "zoo.weights", "zoo.export", "zoo.recipe",
 )
 
-# (flag, kwarg) pairs of `zoo profile` that are passed to zoo.create only when given.
+# (flag, kwarg) pairs of `zoo profile` (zoo/tables.py) that are passed to zoo.create only when given.
 MODEL_FLAGS: tuple[tuple[str, str], ...] = (
     ("--width", "width"), ("--resolution", "resolution"), ("--groups", "groups"), ("--bypass", "bypass"),
     ("--num-classes", "num_classes"), ("--in-chans", "in_chans"),
@@ -108,22 +107,6 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_profile(args: argparse.Namespace) -> int:
-    from zoo._registry import create
-    from zoo.profile import profile
-
-    kwargs = model_kwargs_from_args(args)
-    model = create(args.name, **kwargs)
-    p = profile(model, latency=args.latency, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps({"name": args.name, "kwargs": kwargs, **p.summary()}, indent=2, default=str))
-    else:
-        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
-        print(f"{args.name}({given})")
-        print(p.table())
-    return 0
-
-
 def info_extensions() -> list[Any]:
     """The `info_lines(name)` callables of the COMMAND_MODULES that define one (e.g. available weights)."""
     out = []
@@ -169,20 +152,6 @@ def _add_core_commands(sub: Any) -> None:
     p = sub.add_parser("list", help="list registered models", description="List registered models.")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'resnet*' (default: all)")
     p.set_defaults(func=_cmd_list)
-
-    p = sub.add_parser("profile", help="per-layer params/MACs table and totals of a model",
-                       description="Build a model (kwargs validated by zoo.create) and profile it at its "
-                                   "default input size.")
-    p.add_argument("name", help="registered model name (see `zoo list`)")
-    for flag, key in MODEL_FLAGS:
-        p.add_argument(flag, dest=key, metavar=key.upper(), default=None, help=f"model argument {key}")
-    p.add_argument("--kw", action="append", metavar="KEY=VALUE", default=[],
-                   help="any other model argument (repeatable); the value is parsed to the type the model declares "
-                        "(int, float, str, bool, or comma-separated ints for tuples)")
-    p.add_argument("--latency", action="store_true", help="also time the CPU forward (median ms)")
-    p.add_argument("--batch-size", type=int, default=1, help="batch size for --latency (default 1)")
-    p.add_argument("--json", action="store_true", help="print the totals as JSON instead of the table")
-    p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("info", help="model card: paper, kwargs and their ranges, reference numbers",
                        description="Show the model card of a registered model.")

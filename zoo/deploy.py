@@ -99,7 +99,11 @@ def _undelegated(graph: Any) -> dict[str, int]:
 
 
 def set_threads(n: int) -> None:
-    """Size ExecuTorch's thread pool (XNNPACK's workers) to `n` threads."""
+    """Size ExecuTorch's thread pool (XNNPACK's workers) to `n` threads; call it before loading programs.
+
+    Resizing replaces the pool, and a program loaded earlier keeps a pointer to the old one: running it
+    afterwards crashed (SIGFPE) or hung in about half of the tries, so size the pool first.
+    """
     try:
         with pt2e.quiet_export():
             from executorch.extension.pybindings import portable_lib
@@ -249,15 +253,17 @@ def recommended_int8(model: nn.Module | str) -> Int8Path:
     return INT8_PATHS[family]
 
 
-def runtime_forward(model: nn.Module, example: torch.Tensor) -> tuple[Any, str]:
+def runtime_forward(model: nn.Module, example: torch.Tensor, threads: int | None = None) -> tuple[Any, str]:
     """(a tensor -> tensor callable, runtime name) that runs `model` where its int8 backend is fast: an
-    'xnnpack' graph lowered to an ExecuTorch program, an 'x86_pt2e' graph compiled by inductor with
-    freezing, anything else as the eager module."""
+    'xnnpack' graph lowered to an ExecuTorch program (its thread pool sized to `threads` first, if given),
+    an 'x86_pt2e' graph compiled by inductor with freezing, anything else as the eager module."""
     backend = next((s.get("backend") for s in reversed(steps(model)) if s.get("kind") == "int8"), None)
     if backend == "x86_pt2e":
         return pt2e.compile_x86(model, example), "inductor (x86_pt2e)"
     if backend != "xnnpack":
         return model, "eager"
+    if threads is not None:
+        set_threads(threads)
     data, _ = executorch_lowered(model, example)
     folder = tempfile.TemporaryDirectory()  # the runtime reads the program from a file: kept while it lives
     path = Path(folder.name) / "model.pte"

@@ -1,4 +1,5 @@
-"""`zoo tables`: rebuild the papers' parameter and MAC tables from the registry and check them.
+"""`zoo tables`: rebuild the papers' parameter and MAC tables from the registry and check them; and
+`zoo profile NAME`, the per-layer table of one model.
 
 For every registered model card with references, the model is built with the reference kwargs,
 profiled at its default input size (hooks only: conv + linear MACs per sample, see zoo.profile), and
@@ -9,14 +10,16 @@ compared with the paper's numbers using the reference tolerances (`params_tol` a
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from zoo._registry import create, list_models, model_card
+from zoo.cli import MODEL_FLAGS, model_kwargs_from_args
 from zoo.errors import ZooError
-from zoo.profile import count_params, layer_stats
+from zoo.profile import count_params, layer_stats, profile
 
 
 @dataclass
@@ -136,9 +139,36 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     return 0 if all(r.ok for r in rows) else 1
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    kwargs = model_kwargs_from_args(args)
+    model = create(args.name, **kwargs)
+    p = profile(model, latency=args.latency, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps({"name": args.name, "kwargs": kwargs, **p.summary()}, indent=2, default=str))
+    else:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        print(f"{args.name}({given})")
+        print(p.table())
+    return 0
+
+
 def add_commands(subparsers: Any) -> None:
-    """Add `zoo tables` to the CLI."""
+    """Add `zoo tables` and `zoo profile` to the CLI."""
     p = subparsers.add_parser("tables", help="check params/MACs of every model against the papers",
                               description="Rebuild the papers' params/MACs tables and compare (exit 1 on a mismatch).")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern of model names (default: all)")
     p.set_defaults(func=_cmd_tables)
+
+    p = subparsers.add_parser("profile", help="per-layer params/MACs table and totals of a model",
+                              description="Build a model (kwargs validated by zoo.create) and profile it at "
+                                          "its default input size.")
+    p.add_argument("name", help="registered model name (see `zoo list`)")
+    for flag, key in MODEL_FLAGS:
+        p.add_argument(flag, dest=key, metavar=key.upper(), default=None, help=f"model argument {key}")
+    p.add_argument("--kw", action="append", metavar="KEY=VALUE", default=[],
+                   help="any other model argument (repeatable); the value is parsed to the type the model declares "
+                        "(int, float, str, bool, or comma-separated ints for tuples)")
+    p.add_argument("--latency", action="store_true", help="also time the CPU forward (median ms)")
+    p.add_argument("--batch-size", type=int, default=1, help="batch size for --latency (default 1)")
+    p.add_argument("--json", action="store_true", help="print the totals as JSON instead of the table")
+    p.set_defaults(func=_cmd_profile)

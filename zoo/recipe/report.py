@@ -17,7 +17,7 @@ import torch
 
 from zoo.errors import ZooError
 from zoo.io import make_out_dir
-from zoo.deploy import runtime_forward, set_threads
+from zoo.deploy import runtime_forward
 from zoo.profile import measure_latency, profile
 from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
 from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
@@ -58,9 +58,7 @@ def _profile_row(model: torch.nn.Module, input_size: tuple[int, ...], latency: d
     prev = torch.get_num_threads()
     torch.set_num_threads(latency["threads"])
     try:
-        fwd, runtime = runtime_forward(model, torch.zeros(latency["batch_size"], *input_size))
-        if runtime.startswith("executorch"):
-            set_threads(latency["threads"])
+        fwd, runtime = runtime_forward(model, torch.zeros(latency["batch_size"], *input_size), latency["threads"])
         p = profile(model, input_size=input_size, latency=runtime == "eager", batch_size=latency["batch_size"],
                     flops=False)
         ms = p.latency_ms if runtime == "eager" else measure_latency(fwd, input_size, latency["batch_size"])
