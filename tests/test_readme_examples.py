@@ -63,8 +63,7 @@ def check_printed(name: str, out: str) -> None:
 def _restore_registries(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Run in tmp_path on one thread; then restore the model, stage-type, defaults and dataset registries."""
     zoo.list_models()  # load the built-in families first, so that the snapshot holds them
-    registries: list[dict] = [_registry._REGISTRY, STAGE_TYPES, DEFAULT_SECTIONS, zoo.data.DATASETS,
-                              zoo.recipe.checks.DATASETS]
+    registries: list[dict] = [_registry._REGISTRY, STAGE_TYPES, DEFAULT_SECTIONS, zoo.data.DATASETS]
     saved = [dict(r) for r in registries]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small models on a busy machine: more intra-op threads only oversubscribe
@@ -179,6 +178,26 @@ def test_dataset_example(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert res["dataset"]["name"] == "imagefolder" and res["dataset"]["num_train"] == 144
     (row,) = res["rows"]
     assert row["top1"] > 2 * 100 / 3  # chance is 33.3%; resnet20 learns the shapes in 5 epochs
+
+
+def test_dataset_registration_example(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    ns = run_block("dataset-register")
+    check_printed("dataset-register", capsys.readouterr().out)
+    assert zoo.data.DATASETS["stripes"].num_classes == 2 and ns["info"].class_names == ["horizontal", "vertical"]
+    x, y = next(iter(ns["train"]))
+    assert x.shape == (50, 1, 16, 16) and set(y.tolist()) <= {0, 1}
+    with pytest.raises(zoo.ZooError, match="'stripes' is already registered"):
+        zoo.data.register_dataset("stripes", "again", 2, ns["stripes"])
+    with pytest.raises(zoo.ZooError, match="num_classes=1 is not allowed"):
+        zoo.data.register_dataset("stripes2", "one class", 1, ns["stripes"])
+    recipe = {"name": "readme_stripes", "dataset": {"name": "stripes", "input_size": [1, 16, 16]}, "seed": 0,
+              "defaults": {"train": {"epochs": 3, "lr": 0.05, "batch_size": 25}},
+              "stages": {"lenet": {"type": "train", "model": "lenet5"}}}
+    path = tmp_path / "stripes.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    res = run_recipe(path, out=tmp_path / "out", log=lambda s: None)
+    (row,) = res["rows"]
+    assert res["dataset"]["num_train"] == 200 and row["top1"] > 90  # stripes are easy; chance is 50%
 
 
 # ------------------------------------------------------------------------------------------ package map

@@ -296,8 +296,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _calibration_sets() -> list[str]:
-    """Datasets `--calibration` accepts (every built-in one but imagefolder)."""
-    return [n for n in DATASETS if n != "imagefolder"]
+    """Datasets `--calibration` accepts (every registered one read from arrays, not from an image folder)."""
+    return [n for n, d in DATASETS.items() if d.source is not None]
 
 
 def _calibration_data(model: nn.Module, name: str, input_size: int | None, n_batches: int

@@ -1,7 +1,7 @@
 """Datasets and loaders of the zoo: digits (embedded), MNIST, Fashion-MNIST, CIFAR-10 (lossless or the
 JPEG q75 copy), CIFAR-100 and custom image folders.
 
-`get_loaders(name, input_size)` returns deterministic train/val DataLoaders whose images are resized
+Datasets are registered by name (`register_dataset`, `DATASETS`). `get_loaders(name, input_size)` returns deterministic train/val DataLoaders whose images are resized
 to the model's (H, W), converted to its channel count and normalised with the training split's
 mean/std, plus a `DatasetInfo`. Shuffling depends only on (seed, epoch) (see `EpochSampler`).
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,18 +25,58 @@ from zoo.data.imagefolder import (ImageFileDataset, folder_stats, load_image, sc
                                   verify_imagefolder)
 from zoo.data.sources import ArraySource, load_cifar_source, load_digits_source, load_idx_source
 
-__all__ = ["DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "DatasetInfo", "EpochSampler", "convert_channels", "get_loaders", "load_image",
-           "make_loaders", "stratified_split", "verify_imagefolder"]
+__all__ = ["DATASETS", "IMAGENET_MEAN", "IMAGENET_STD", "ArraySource", "DatasetEntry", "DatasetInfo", "EpochSampler",
+           "convert_channels", "get_loaders", "load_image", "make_loaders", "register_dataset", "stratified_split",
+           "verify_imagefolder"]
 
-DATASETS: dict[str, str] = {
-    "digits": "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)",
-    "mnist": "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or $ZOO_DATA/mnist)",
-    "fashion_mnist": "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or $ZOO_DATA/fashion_mnist)",
-    "cifar10": "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 copy's "
-               "train.npz/test.npz (root, $ZOO_CIFAR10 or $ZOO_DATA/cifar10)",
-    "cifar100": "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or $ZOO_DATA/cifar100)",
-    "imagefolder": "your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*",
-}
+SourceFn = Callable[[Optional[str], float, bool], ArraySource]  # (root, val_fraction, download) -> split arrays
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: what `get_loaders(name, ...)`, recipes and `zoo train --data` read."""
+
+    description: str           # one line: what it is and where its files are found
+    num_classes: int | None     # None: read from the data (image folders)
+    source: SourceFn | None     # builds the train/val arrays; None: the image-folder reader
+
+
+DATASETS: dict[str, DatasetEntry] = {}  # name -> entry, in registration order; add with register_dataset
+
+
+def register_dataset(name: str, description: str, num_classes: int | None, source: SourceFn) -> None:
+    """Make `name` a dataset of get_loaders, recipes and `zoo train --data`: `source(root, val_fraction,
+    download)` returns its images as an ArraySource (uint8 (N, C, H, W) tensors, already split)."""
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ZooError(f"register_dataset: name {name!r} is not allowed; expected lowercase letters, digits and _")
+    if name in DATASETS:
+        raise ZooError(f"register_dataset: {name!r} is already registered ({DATASETS[name].description})")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise ZooError(f"register_dataset: num_classes={num_classes!r} is not allowed; expected an int >= 2")
+    if not callable(source):
+        raise ZooError(f"register_dataset: source={source!r} is not callable; expected "
+                       "source(root, val_fraction, download) -> ArraySource")
+    DATASETS[name] = DatasetEntry(str(description), num_classes, source)
+
+
+def _builtin(name: str, description: str, num_classes: int | None, source: SourceFn | None) -> None:
+    DATASETS[name] = DatasetEntry(description, num_classes, source)
+
+
+_builtin("digits", "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)", 10,
+         lambda root, val_fraction, download: load_digits_source(val_fraction))
+_builtin("mnist", "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or $ZOO_DATA/mnist)", 10,
+         lambda root, val_fraction, download: load_idx_source("mnist", root, val_fraction))
+_builtin("fashion_mnist", "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or "
+         "$ZOO_DATA/fashion_mnist)", 10,
+         lambda root, val_fraction, download: load_idx_source("fashion_mnist", root, val_fraction))
+_builtin("cifar10", "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 copy's "
+         "train.npz/test.npz (root, $ZOO_CIFAR10 or $ZOO_DATA/cifar10)", 10,
+         lambda root, val_fraction, download: load_cifar_source("cifar10", root, download))
+_builtin("cifar100", "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or $ZOO_DATA/cifar100)", 100,
+         lambda root, val_fraction, download: load_cifar_source("cifar100", root, download))
+_builtin("imagefolder", "your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*", None, None)
 QUICK_TRAIN, QUICK_VAL = 256, 128  # quick=True: class-balanced subsets of this many images
 
 
@@ -133,7 +175,7 @@ def get_loaders(name: str, input_size: tuple[int, int, int], batch_size: int = 6
     """
     input_size = _check_args(name, input_size, batch_size, seed, num_workers, val_fraction)
     norm = _check_norm(mean, std, input_size[0])
-    if name == "imagefolder":
+    if DATASETS[name].source is None:
         src = scan_imagefolder(root, val_fraction)
         if verify:
             verify_imagefolder(root, val_fraction)
@@ -148,12 +190,9 @@ def get_loaders(name: str, input_size: tuple[int, int, int], batch_size: int = 6
         train, val = ImageFileDataset(train_items, t), ImageFileDataset(val_items, t)
         classes, folder, title = src.class_names, src.root, f"image folder {src.root}"
     else:
-        if name == "digits":
-            asrc = load_digits_source(val_fraction)
-        elif name in ("mnist", "fashion_mnist"):
-            asrc = load_idx_source(name, root, val_fraction)
-        else:
-            asrc = load_cifar_source(name, root, download)
+        asrc = DATASETS[name].source(root, val_fraction, download)
+        if not isinstance(asrc, ArraySource):
+            raise ZooError(f"dataset {name!r}: its source returned {type(asrc).__name__}; expected an ArraySource")
         train, val, mean, std, asrc = _array_datasets(asrc, input_size, quick, norm)
         classes, split, folder, title = asrc.class_names, asrc.split, asrc.root, asrc.title
     train_loader, val_loader = make_loaders(train, val, batch_size, seed, num_workers, distributed)

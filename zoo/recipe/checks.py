@@ -16,11 +16,11 @@ import re
 from typing import Any
 
 from zoo._registry import model_args, model_card
+from zoo.data import DATASETS
 from zoo.errors import ZooError
 from zoo.train import TrainConfig
 from zoo.untrusted import short_repr
 
-DATASETS: dict[str, int | None] = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagefolder": None}
 # keys the engine sets itself; a recipe may not put them in a train section
 ENGINE_TRAIN_KEYS = {"seed": "set by the recipe's `seeds` (or the stage's `seed`)"}
 
@@ -131,7 +131,7 @@ def fill_kwargs(model: str, kwargs: dict, dataset: dict) -> dict[str, Any]:
     out = dict(kwargs)
     c, h, _ = dataset["input_size"]
     out["in_chans"] = c
-    n = dataset.get("num_classes") or DATASETS.get(dataset["name"])
+    n = dataset.get("num_classes") or DATASETS[dataset["name"]].num_classes
     if n is not None:
         out["num_classes"] = n
     if "resolution" in args:
