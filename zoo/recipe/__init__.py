@@ -10,6 +10,7 @@ plot, `run_recipe`, `check_recipe`) <- `cli` (the `zoo recipe` subcommands). The
 are registered here, so every import of zoo.recipe sees them.
 """
 
+from zoo.recipe.checks import Checker
 from zoo.recipe.cli import add_commands
 from zoo.recipe.compress_stages import LOWRANK, PRUNE, QUANTIZE, check_finetune_defaults
 from zoo.recipe.engine import load_checkpoint
@@ -26,7 +27,7 @@ register_defaults_section("kd", check_kd_defaults)
 register_defaults_section("finetune", check_finetune_defaults)
 
 __all__ = [
-    "STAGE_TYPES", "Recipe", "RecipeError", "StageContext", "StageSpec", "StageType", "add_commands",
+    "STAGE_TYPES", "Checker", "Recipe", "RecipeError", "StageContext", "StageSpec", "StageType", "add_commands",
     "check_recipe", "load_checkpoint", "load_recipe", "register_defaults_section", "register_stage_type",
     "run_recipe",
 ]
