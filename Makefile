@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/zoo recipe check recipes/digits_kd.yaml --threads 1
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 tables: $(STAMP)
 	$(VENV)/bin/zoo tables
