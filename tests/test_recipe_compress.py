@@ -191,3 +191,22 @@ def test_mnist_han_quick_matches_its_committed_quick_table(mnist_dir: Path, tmp_
         assert rows[pruned]["params"] == rows[dense]["params"]
         assert rows[dense]["params"] / rows[pruned]["nonzero_params"] > 10  # 92% of all weights removed
     assert rows["l300_snip90"]["nonzero_params"] == rows["l300_mag90"]["nonzero_params"]
+
+
+def test_cifar10_compress_quick_matches_its_committed_quick_table(tmp_path: Path) -> None:
+    """The CIFAR-10 compression recipe's --quick run (256/128 JPEG-copy images, every stage) reproduces
+    recipes/cifar10_compress.quick.results.json; it needs the shared CIFAR-10 copy and pretrained ResNets."""
+    from zoo.data.sources import data_root
+
+    need = [data_root() / "cifar10" / "train.npz", data_root() / "cifar10" / "test.npz",
+            data_root() / "pretrained" / "cifar10_resnets_akamaster" / "resnet56.safetensors"]
+    missing = [str(p) for p in need if not p.is_file()]
+    if missing:
+        pytest.skip(f"shared CIFAR-10 files not found: {', '.join(missing)} (set ZOO_DATA to the shared data folder)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the committed quick table was measured with 1 torch thread
+    try:
+        assert check_recipe(REPO / "recipes" / "cifar10_compress.yaml", out=tmp_path / "run", quick=True,
+                            log=lambda s: None) == []
+    finally:
+        torch.set_num_threads(threads)
