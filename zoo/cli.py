@@ -1,9 +1,10 @@
 """The `zoo` command line: an argparse dispatcher over subcommands contributed by zoo modules.
 
-Core commands live here (`list`, `info`; `zoo profile` and `zoo tables` live in zoo/tables.py). Every module named in COMMAND_MODULES defines
-`add_commands(subparsers)`, which adds its subcommands and sets `func=callable(args) -> int` with
-`set_defaults`. A module there may also define `info_lines(name: str) -> list[str]`; `zoo info NAME`
-prints those lines after the model card (e.g. the weights available for the model).
+Core commands live here (`list`, `info`; `zoo profile` and `zoo tables` live in zoo/tables.py). Every
+module named in COMMAND_MODULES defines `add_commands(subparsers)`, which adds its subcommands and sets
+`func=callable(args) -> int` with `set_defaults`. A module there may also define
+`info_lines(name: str) -> list[str]`; `zoo info NAME` prints those lines after the model card (e.g. the
+weights available for the model).
 
 Bad input raises ZooError, printed as one line `zoo: error: <message>` with exit code 2.
 """

@@ -102,7 +102,7 @@ def set_threads(n: int) -> None:
     """Size ExecuTorch's thread pool (XNNPACK's workers) to `n` threads; call it before loading programs.
 
     Resizing replaces the pool, and a program loaded earlier keeps a pointer to the old one: running it
-    afterwards crashed (SIGFPE) or hung in about half of the tries, so size the pool first.
+    afterwards crashed (SIGFPE) or hung in most tries here, so size the pool first.
     """
     try:
         with pt2e.quiet_export():

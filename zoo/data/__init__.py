@@ -1,9 +1,9 @@
 """Datasets and loaders of the zoo: digits (embedded), MNIST, Fashion-MNIST, CIFAR-10 (lossless or the
 JPEG q75 copy), CIFAR-100 and custom image folders.
 
-Datasets are registered by name (`register_dataset`, `DATASETS`). `get_loaders(name, input_size)` returns deterministic train/val DataLoaders whose images are resized
-to the model's (H, W), converted to its channel count and normalised with the training split's
-mean/std, plus a `DatasetInfo`. Shuffling depends only on (seed, epoch) (see `EpochSampler`).
+Datasets are registered by name (`register_dataset`, `DATASETS`). `get_loaders(name, input_size)`
+returns deterministic train/val DataLoaders whose images are resized to the model's (H, W), converted
+to its channel count and normalised with the training split's mean/std, plus a `DatasetInfo`. Shuffling depends only on (seed, epoch) (see `EpochSampler`).
 """
 
 from __future__ import annotations
@@ -60,23 +60,20 @@ def register_dataset(name: str, description: str, num_classes: int | None, sourc
     DATASETS[name] = DatasetEntry(str(description), num_classes, source)
 
 
-def _builtin(name: str, description: str, num_classes: int | None, source: SourceFn | None) -> None:
-    DATASETS[name] = DatasetEntry(description, num_classes, source)
-
-
-_builtin("digits", "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)", 10,
-         lambda root, val_fraction, download: load_digits_source(val_fraction))
-_builtin("mnist", "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or $ZOO_DATA/mnist)", 10,
-         lambda root, val_fraction, download: load_idx_source("mnist", root, val_fraction))
-_builtin("fashion_mnist", "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or "
-         "$ZOO_DATA/fashion_mnist)", 10,
-         lambda root, val_fraction, download: load_idx_source("fashion_mnist", root, val_fraction))
-_builtin("cifar10", "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 copy's "
-         "train.npz/test.npz (root, $ZOO_CIFAR10 or $ZOO_DATA/cifar10)", 10,
-         lambda root, val_fraction, download: load_cifar_source("cifar10", root, download))
-_builtin("cifar100", "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or $ZOO_DATA/cifar100)", 100,
-         lambda root, val_fraction, download: load_cifar_source("cifar100", root, download))
-_builtin("imagefolder", "your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*", None, None)
+register_dataset("digits", "scikit-learn 8x8 digits, 1,797 images, 10 classes (embedded, no download)", 10,
+                 lambda root, val_fraction, download: load_digits_source(val_fraction))
+register_dataset("mnist", "MNIST IDX files, 60,000 / 10,000 (root, $ZOO_MNIST or $ZOO_DATA/mnist)", 10,
+                 lambda root, val_fraction, download: load_idx_source("mnist", root, val_fraction))
+register_dataset("fashion_mnist", "Fashion-MNIST IDX files, 60,000 / 10,000 (root, $ZOO_FASHION_MNIST or "
+                 "$ZOO_DATA/fashion_mnist)", 10,
+                 lambda root, val_fraction, download: load_idx_source("fashion_mnist", root, val_fraction))
+register_dataset("cifar10", "CIFAR-10: a torchvision folder (lossless, downloads when online) or the JPEG q75 "
+                 "copy's train.npz/test.npz (root, $ZOO_CIFAR10 or $ZOO_DATA/cifar10)", 10,
+                 lambda root, val_fraction, download: load_cifar_source("cifar10", root, download))
+register_dataset("cifar100", "CIFAR-100 via torchvision (root, $ZOO_CIFAR100 or $ZOO_DATA/cifar100)", 100,
+                 lambda root, val_fraction, download: load_cifar_source("cifar100", root, download))
+DATASETS["imagefolder"] = DatasetEntry("your images: root/<class>/* or root/train/<class>/* + root/val/<class>/*",
+                                       None, None)  # the one entry without an array source
 QUICK_TRAIN, QUICK_VAL = 256, 128  # quick=True: class-balanced subsets of this many images
 
 
