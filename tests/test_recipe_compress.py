@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -193,12 +194,14 @@ def test_mnist_han_quick_matches_its_committed_quick_table(mnist_dir: Path, tmp_
     assert rows["l300_snip90"]["nonzero_params"] == rows["l300_mag90"]["nonzero_params"]
 
 
-@pytest.mark.parametrize("name", ["cifar10_compress"])
+@pytest.mark.parametrize("name", ["cifar10_compress", "cifar10_kd"])
 def test_cifar10_quick_recipe_matches_its_committed_quick_table(name: str, tmp_path: Path) -> None:
     """A CIFAR-10 recipe's --quick run (256/128 JPEG-copy images, every stage) reproduces its committed
-    recipes/<name>.quick.results.json; it needs the shared CIFAR-10 copy and pretrained ResNets.
-    cifar10_kd's and cifar10_prune's quick tables are committed too, for `zoo recipe check --quick`, but
-    not run here: the suite's 10-minute budget (kd ~35 s; prune's loss-change stages ~150 s each)."""
+    recipes/<name>.quick.results.json; it needs the shared CIFAR-10 copy and pretrained ResNets. Opt-in
+    (ZOO_CHECK_QUICK_RECIPES=1, about 50 s each): with them the suite measured 611 s on 2 cores, over its
+    10-minute budget. cifar10_prune's quick table is not run here: its loss-change stages take ~150 s each."""
+    if os.environ.get("ZOO_CHECK_QUICK_RECIPES") != "1":
+        pytest.skip("opt-in: set ZOO_CHECK_QUICK_RECIPES=1 to re-run the CIFAR-10 quick recipes (~50 s each)")
     from zoo.data.sources import data_root
 
     need = [data_root() / "cifar10" / "train.npz", data_root() / "cifar10" / "test.npz",
