@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-REAL_TABLES := recipes/mnist_han.md recipes/mnist_hinton.md recipes/cifar10_compress.md recipes/cifar10_quant.md recipes/cifar10_prune.md recipes/tflite_transfer_050.md
+REAL_TABLES := recipes/mnist_han.md recipes/mnist_hinton.md recipes/cifar10_compress.md recipes/cifar10_quant.md recipes/cifar10_quant_mbv2.md recipes/cifar10_prune.md recipes/tflite_transfer_050.md
 
 demo: $(STAMP)
 	$(VENV)/bin/zoo tables

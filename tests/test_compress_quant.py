@@ -10,6 +10,7 @@ checked on resnet50 below, untrained). Latency is never asserted here: see bench
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -18,7 +19,10 @@ import torch.nn.functional as F
 
 import zoo
 import zoo.compress as zc
+import zoo.compress.quantization as zq
 import zoo.data
+from zoo.compress._common import set_steps
+from zoo.compress.quantization import reduce_range
 from zoo.errors import ZooError
 from zoo.weights.checkpoint import serialized_size, state_tensors
 from zoo.profile import profile
@@ -119,15 +123,45 @@ def test_static_calibration_accepts_a_dataloader_of_pairs():
     assert predict(a, x[:8]).shape == predict(b, x[:8]).shape == (8, 10)
 
 
-def test_relu6_kept_as_quantized_op_and_conv_bn_fused():
+def test_relu6_fused_into_the_conv_with_a_fixed_0_to_6_grid(tmp_path):
+    """torch.ao has no fused ReLU6: zoo fuses conv+bn+relu and fixes the output grid at [0, 6], as TFLite
+    does, instead of quantizing the conv output (negatives and all) before a standalone ReLU6."""
     m = trained("mobilenet_v2")
-    q = zc.quantize(m, "static", [digits(m.spec.input_size)[0][:64]], observer="minmax")
-    blk = q.blocks[1]
-    assert type(blk.expand.conv).__name__ == "Conv2d" and type(blk.expand.bn).__name__ == "Identity"
-    assert type(blk.expand.act).__name__ == "ReLU6" and type(blk.expand.act).__module__.startswith("torch.ao")
-    assert type(q.stem.conv).__name__ == "Conv2d" and type(q.blocks[1].skip).__name__ in ("QFunctional",)
+    x = digits(m.spec.input_size)[0]
+    q = zc.quantize(m, "static", [x[:64]], observer="minmax")
+    qmax = 127 if reduce_range() else 255
+    for blk in (q.stem, q.blocks[1].expand, q.blocks[1].dw):
+        assert type(blk.conv).__name__ == "ConvReLU2d" and type(blk.act).__name__ == "Identity"
+        assert blk.conv.scale == pytest.approx(6 / qmax) and blk.conv.zero_point == 0
+    assert type(q.blocks[1].project.conv).__name__ == "Conv2d"  # no activation: its own observed range
+    assert type(q.blocks[1].skip).__name__ == "QFunctional"
+    assert q.spec.compression[-1]["relu6"] == "fused"
+    inp = torch.quantize_per_tensor(40 * torch.rand(1, q.stem.conv.in_channels, 8, 8), 0.2, 0, torch.quint8)
+    y = q.stem.conv(inp).dequantize()
+    assert y.min() == 0 and y.max() == 6  # saturation is the clip at 6
     r18 = zc.quantize(trained("resnet"), "static", [digits((3, 32, 32))[0][:32]], observer="minmax")
     assert type(r18.stem.conv).__name__ == "ConvReLU2d"
+    p = zc.quantize(m, "qat")  # the fake-quant model clips at 6 while it trains, too
+    blk = p.blocks[1].expand
+    assert type(blk.conv).__name__ == "ConvBnReLU2d"
+    out = blk.eval()(50 * torch.randn(2, blk.conv.in_channels, 6, 6))  # running BN statistics: large outputs
+    assert out.min() == 0 and out.max() == 6
+
+
+def test_int8_saved_before_relu6_fusion_still_reloads(tmp_path, monkeypatch):
+    """A step without "relu6" (files written before the fusion) rebuilds the standalone quantized ReLU6."""
+    m = trained("mobilenet_v2")
+    x = digits(m.spec.input_size)[0]
+    monkeypatch.setattr(zq, "_prepare_static", functools.partial(zq._prepare_static, fuse_relu6=False))
+    old = zc.quantize(m, "static", [x[:64]], observer="minmax")
+    monkeypatch.undo()
+    set_steps(old, [{k: v for k, v in s.items() if k != "relu6"} for s in old.spec.compression])
+    assert type(old.blocks[1].expand.act).__name__ == "ReLU6"
+    path = str(tmp_path / "old.safetensors")
+    zc.save(old, path)
+    r = zc.load(path)
+    assert type(r.blocks[1].expand.act).__module__.startswith("torch.ao")
+    assert torch.equal(predict(r, x[:32]), predict(old, x[:32]))
 
 
 def test_bottleneck_and_grouped_models_reload_exactly(tmp_path):

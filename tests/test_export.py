@@ -98,7 +98,8 @@ def test_int8_torchscript_and_onnx(tmp_path: Path):
 
 
 def test_int8_onnx_unsupported_op_is_one_clear_error(tmp_path: Path, capfd: pytest.CaptureFixture):
-    """torch's ONNX exporter has no symbolic for quantized::relu6 (MobileNet v2): one ZooError, no IR dump."""
+    """torch's ONNX exporter has no symbolic for a standalone quantized::relu6 (MobileNet v2 converted by
+    plain torch.ao, without zoo's ReLU6 fusion): one ZooError, no IR dump."""
     q = _int8(zoo.create("mobilenet_v2", width=0.25, num_classes=10).eval(), 32)
     capfd.readouterr()
     with pytest.raises(zoo.ZooError, match=r"ONNX exporter failed for mobilenet_v2: .*quantized::relu6"):

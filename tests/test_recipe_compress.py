@@ -194,14 +194,15 @@ def test_mnist_han_quick_matches_its_committed_quick_table(mnist_dir: Path, tmp_
     assert rows["l300_snip90"]["nonzero_params"] == rows["l300_mag90"]["nonzero_params"]
 
 
-@pytest.mark.parametrize("name", ["cifar10_compress", "cifar10_kd"])
+@pytest.mark.parametrize("name", ["cifar10_compress", "cifar10_kd", "cifar10_quant", "cifar10_quant_mbv2"])
 def test_cifar10_quick_recipe_matches_its_committed_quick_table(name: str, tmp_path: Path) -> None:
     """A CIFAR-10 recipe's --quick run (256/128 JPEG-copy images, every stage) reproduces its committed
     recipes/<name>.quick.results.json; it needs the shared CIFAR-10 copy and pretrained ResNets. CI runs
-    cifar10_compress (about 50 s); cifar10_kd is opt-in (ZOO_CHECK_QUICK_RECIPES=1) for the suite's
-    10-minute budget. cifar10_prune's quick table is not run here: its loss-change stages take ~150 s each."""
+    cifar10_compress (about 50 s); cifar10_kd, cifar10_quant and cifar10_quant_mbv2 are opt-in
+    (ZOO_CHECK_QUICK_RECIPES=1) for the suite's 10-minute budget. cifar10_prune's quick table is not run
+    here: its loss-change stages take ~150 s each."""
     if name != "cifar10_compress" and os.environ.get("ZOO_CHECK_QUICK_RECIPES") != "1":
-        pytest.skip(f"opt-in: set ZOO_CHECK_QUICK_RECIPES=1 to re-run the {name} quick recipe (~35 s)")
+        pytest.skip(f"opt-in: set ZOO_CHECK_QUICK_RECIPES=1 to re-run the {name} quick recipe (35-80 s)")
     from zoo.data.sources import data_root
 
     need = [data_root() / "cifar10" / "train.npz", data_root() / "cifar10" / "test.npz",

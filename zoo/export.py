@@ -7,9 +7,10 @@ metadata.
 
 int8 (torch.ao eager-converted models): TorchScript works for every family (outputs identical). ONNX
 writes QDQ graphs (int8 weights, QuantizeLinear/DequantizeLinear that onnxruntime fuses) and works for
-LeNet/MLP, MobileNet v1, ResNet, SqueezeNet and ShuffleNet v1 (within a few output quantisation
-steps of PyTorch); it fails with one ZooError for MobileNet v2 (no ONNX symbolic for quantized::relu6)
-and ShuffleNet v2 (channel split = Slice of a quantized tensor). See tests/test_export.py.
+LeNet/MLP, MobileNet v1/v2, ResNet, SqueezeNet and ShuffleNet v1 (within a few output quantisation
+steps of PyTorch); it fails with one ZooError for ShuffleNet v2 (channel split = Slice of a quantized
+tensor) and for a standalone quantized ReLU6 (no ONNX symbolic for quantized::relu6; zoo.compress.quantize
+fuses ReLU6 into the conv, other torch.ao flows may not). See tests/test_export.py.
 A TorchScript file is a zip of pickles: a deployment format, never zoo's storage format.
 
 Deployment int8 from the float model (zoo.deploy, `pip install 'zoo[deploy]'`): `to_onnx(..., int8=True,

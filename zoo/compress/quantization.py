@@ -3,9 +3,13 @@
 int8 uses PyTorch's eager torch.ao flow (Jacob et al. 2018, "Quantization and Training of Neural
 Networks for Efficient Integer-Arithmetic-Only Inference") on the x86 engine (fbgemm for models with
 grouped convs): the zoo blocks are written for it (QuantStub/DeQuantStub, FloatFunctional adds and
-concats). ConvNormAct is fused as conv+bn+relu; ReLU6 cannot be fused by torch.ao, so conv+bn is fused
-and ReLU6 runs as a quantized op. Weights are per-channel symmetric int8; activations use histogram
-(or min/max) observers, 8-bit on CPUs with VNNI and 7-bit elsewhere (fbgemm's overflow workaround).
+concats). ConvNormAct is fused as conv+bn+relu. torch.ao has no fused ReLU6, so a ConvNormAct ending in
+ReLU6 (MobileNet v2, TFLite-imported v1) is fused as conv+bn+relu whose output grid is fixed at [0, 6]
+(scale 6/255, zero point 0), as TFLite does: saturation clips at 6. Quantizing the conv output before a
+standalone ReLU6 instead spent most of the 256 levels on negative values and on the range above 6, and
+cost 2.2 points on the CIFAR MobileNet v2 0.5 (recipes/cifar10_quant_mbv2.md). Weights are per-channel
+symmetric int8; activations use histogram (or min/max) observers, 8-bit on CPUs with VNNI and 7-bit
+elsewhere (fbgemm's overflow workaround).
 
 Backends: 'auto' / 'x86' / 'fbgemm' are the eager torch.ao engines above; 'x86_pt2e' and 'xnnpack'
 run torchao's PT2E flow (zoo.compress.pt2e: X86InductorQuantizer / ExecuTorch's XNNPACKQuantizer),
@@ -126,8 +130,28 @@ def _qconfig(backend: str, observer: str, qat: bool = False) -> tq.QConfig:
     return tq.QConfig(activation=obs.with_args(reduce_range=rr), weight=base.weight)
 
 
-def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "histogram") -> nn.Module:
-    """Fuse, attach qconfigs and observers (or fake-quant modules for QAT), in place."""
+def _relu6_qconfig(backend: str, qat: bool) -> tq.QConfig:
+    """The backend's weights, and an output grid fixed at [0, 6]: TFLite's fused ReLU6."""
+    qmax = 127 if reduce_range() else 255
+    obs = tq.FixedQParamsObserver.with_args(scale=6.0 / qmax, zero_point=0, dtype=torch.quint8, quant_min=0,
+                                            quant_max=qmax)
+    act = tq.FixedQParamsFakeQuantize.with_args(observer=obs) if qat else obs
+    return tq.QConfig(activation=act, weight=_qconfig(backend, "minmax", qat).weight)
+
+
+def _fused_conv(block: ConvNormAct) -> nn.Module:
+    """The module a fusion of the block leaves in the conv's place (the last conv of a low-rank pair)."""
+    return block.conv[-1] if type(block.conv) is nn.Sequential else block.conv  # fused modules are Sequentials too
+
+
+def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "histogram",
+                    fuse_relu6: bool = True) -> nn.Module:
+    """Fuse, attach qconfigs and observers (or fake-quant modules for QAT), in place. With fuse_relu6, a
+    ConvNormAct ending in ReLU6 is fused as conv+bn+relu with a [0, 6] output grid (see the module doc);
+    without it (steps saved before that existed), ReLU6 stays a standalone quantized op."""
+    relu6 = [m for m in model.modules() if isinstance(m, ConvNormAct) and type(m.act) is nn.ReLU6] if fuse_relu6 else []
+    for block in relu6:
+        block.act = nn.ReLU()  # fusable; the fixed grid (and, before convert, the ReLU6 put back) clips at 6
     fl = fuse_list(model)
     with quiet():
         if qat:
@@ -135,13 +159,17 @@ def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "
             if fl:
                 tq.fuse_modules_qat(model, fl, inplace=True)
             model.qconfig = _qconfig(backend, "minmax", qat=True)
-            tq.prepare_qat(model, inplace=True)
         else:
             model.eval()
             if fl:
                 tq.fuse_modules(model, fl, inplace=True)
             model.qconfig = _qconfig(backend, observer)
-            tq.prepare(model, inplace=True)
+        for block in relu6:
+            fused = _fused_conv(block)
+            fused.qconfig = _relu6_qconfig(backend, qat)
+            if not qat:  # calibrate through the real ReLU6 (convert reads only the conv of a fused pair)
+                fused[-1] = nn.ReLU6()
+        (tq.prepare_qat if qat else tq.prepare)(model, inplace=True)
     return model
 
 
@@ -228,7 +256,7 @@ def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend:
                 for x, _ in cal:
                     model(x)
         add_step(model, {"kind": "int8", "method": "qat", "backend": backend, "converted": False,
-                         "reduce_range": reduce_range()})
+                         "reduce_range": reduce_range(), "relu6": "fused"})
         return model
     _prepare_static(model, backend, qat=False, observer=observer)
     with quiet(), torch.no_grad():
@@ -236,7 +264,7 @@ def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend:
             model(x)
     _convert(model)
     add_step(model, {"kind": "int8", "method": "static", "backend": backend, "observer": observer,
-                     "reduce_range": reduce_range()})
+                     "reduce_range": reduce_range(), "relu6": "fused"})
     return model
 
 
@@ -306,7 +334,8 @@ def rebuild(model: nn.Module, step: dict[str, Any]) -> None:
             tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return
     # observer choice does not change the converted structure, and the qparams are loaded afterwards
-    _prepare_static(model, step["backend"], qat=step["method"] == "qat", observer="minmax")
+    _prepare_static(model, step["backend"], qat=step["method"] == "qat", observer="minmax",
+                    fuse_relu6=step.get("relu6") == "fused")
     _prime(model)
     if step["method"] == "static" or step.get("converted"):
         _convert(model)
