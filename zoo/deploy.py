@@ -223,21 +223,23 @@ class Int8Path:
     why: str  # the measurement behind the choice (median ms at batch 1)
 
 
-# From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved; benchmarks/int8.md).
+# From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved; benchmarks/int8.md, run of
+# 2026-12-07; the 2026-11-29 run on another VM chose the same paths).
 INT8_PATHS: dict[str, Int8Path] = {
-    "mobilenet_v1": Int8Path("onnxruntime", "onnx", 5.5, "ORT int8 3.6 ms; ExecuTorch int8 4.2; PT2E x86 6.0; "
-                             "eager int8 6.2; fp32 eager 19.9"),
-    "mobilenet_v2": Int8Path("executorch", "executorch", 5.9, "ExecuTorch int8 3.0 ms; ORT int8 3.4; PT2E x86 "
-                             "6.6; eager int8 7.7; fp32 eager 18.0"),
-    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 4.2, "ORT int8 5.0 ms; ExecuTorch int8 18.0 (its three "
-                              "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 22.2, no faster than "
-                              "fp32 eager 21.2; PT2E x86 fails in inductor on the grouped convs"),
-    "shufflenet_v2": Int8Path("executorch", "executorch", 7.6, "ExecuTorch int8 3.2 ms; ORT int8 4.5; PT2E x86 "
-                              "10.1; eager int8 29.4, slower than fp32 eager 24.4"),
-    "squeezenet": Int8Path("executorch", "executorch", 8.8, "ExecuTorch int8 2.6 ms; ORT int8 3.2; PT2E x86 6.0; "
-                           "eager int8 6.4; fp32 eager 22.6"),
-    "resnet": Int8Path("eager", None, 5.2, "eager int8 7.9 ms, PT2E x86 8.0 and ORT int8 8.0 tie at batch 1 "
-                       "(resnet18; fp32 eager 41.3); eager needs no compile or export step"),
+    "mobilenet_v1": Int8Path("onnxruntime", "onnx", 4.5, "ORT int8 2.6 ms; ExecuTorch int8 2.4; eager int8 3.3; "
+                             "PT2E x86 3.5; fp32 eager 12.0 (2026-11-29: ORT 3.6, ExecuTorch 4.2: the two trade "
+                             "places between VMs)"),
+    "mobilenet_v2": Int8Path("executorch", "executorch", 6.1, "ExecuTorch int8 2.4 ms; ORT int8 3.0; PT2E x86 "
+                             "5.2; eager int8 5.2; fp32 eager 14.4"),
+    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 3.5, "ORT int8 4.2 ms; ExecuTorch int8 12.1 (its three "
+                              "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 15.7, no faster than "
+                              "fp32 eager 14.7; PT2E x86 fails in inductor on the grouped convs"),
+    "shufflenet_v2": Int8Path("executorch", "executorch", 5.7, "ExecuTorch int8 2.3 ms; ORT int8 3.8; PT2E x86 "
+                              "7.0; eager int8 17.0, slower than fp32 eager 13.4"),
+    "squeezenet": Int8Path("executorch", "executorch", 7.9, "ExecuTorch int8 1.5 ms; ORT int8 2.4; PT2E x86 3.4; "
+                           "eager int8 3.4; fp32 eager 12.1"),
+    "resnet": Int8Path("eager", None, 5.9, "eager int8 4.0 ms, PT2E x86 4.1, ORT int8 5.3 at batch 1 "
+                       "(resnet18; fp32 eager 23.6); eager needs no compile or export step"),
 }
 
 
