@@ -224,9 +224,9 @@ class ShuffleV2Unit(nn.Module):
         self.shuffle = ChannelShuffle(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1:
-            x1, x2 = x.chunk(2, dim=1)
-            out = cat_(self.cat, [x1, self.branch2(x2)])
+        if self.stride == 1:  # channel split as two slices: ExecuTorch's XNNPACK delegate takes slices but
+            half = (x.shape[1] + 1) // 2  # not split_with_sizes (x.chunk(2, 1)), which left 13 ops outside it
+            out = cat_(self.cat, [x[:, :half], self.branch2(x[:, half:])])
         else:
             out = cat_(self.cat, [self.branch1(x), self.branch2(x)])
         return self.shuffle(out)
