@@ -71,6 +71,11 @@ def _engine(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
+def _conv_name(block: ConvNormAct) -> str:
+    """The block's conv to fuse (before fusion): 'conv', or the last conv of a low-rank factorised pair."""
+    return f"conv.{len(block.conv) - 1}" if isinstance(block.conv, nn.Sequential) else "conv"
+
+
 def fuse_list(model: nn.Module) -> list[list[str]]:
     """Module-path lists to fuse: ConvNormAct as [conv, bn, relu] / [conv, bn] / [conv, relu], and
     [conv|linear, (bn), relu] runs inside nn.Sequential containers."""
@@ -78,9 +83,7 @@ def fuse_list(model: nn.Module) -> list[list[str]]:
     for path, m in model.named_modules():
         p = f"{path}." if path else ""
         if isinstance(m, ConvNormAct):
-            conv = "conv"
-            if isinstance(m.conv, nn.Sequential):  # low-rank factorised: fuse its last conv
-                conv = f"conv.{len(m.conv) - 1}"
+            conv = _conv_name(m)
             has_bn = isinstance(m.bn, nn.BatchNorm2d)
             relu = type(m.act) is nn.ReLU
             names = [conv] + (["bn"] if has_bn else []) + (["act"] if relu else [])
@@ -140,18 +143,14 @@ def _relu6_qconfig(backend: str, qat: bool) -> tq.QConfig:
     return tq.QConfig(activation=act, weight=_qconfig(backend, "minmax", qat).weight)
 
 
-def _fused_conv(block: ConvNormAct) -> nn.Module:
-    """The module a fusion of the block leaves in the conv's place (the last conv of a low-rank pair)."""
-    return block.conv[-1] if type(block.conv) is nn.Sequential else block.conv  # fused modules are Sequentials too
-
-
 def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "histogram",
                     fuse_relu6: bool = True) -> nn.Module:
     """Fuse, attach qconfigs and observers (or fake-quant modules for QAT), in place. With fuse_relu6, a
     ConvNormAct ending in ReLU6 is fused as conv+bn+relu with a [0, 6] output grid (see the module doc);
     without it (steps saved before that existed), ReLU6 stays a standalone quantized op."""
-    relu6 = [m for m in model.modules() if isinstance(m, ConvNormAct) and type(m.act) is nn.ReLU6] if fuse_relu6 else []
-    for block in relu6:
+    relu6 = [(m, _conv_name(m)) for m in model.modules()
+             if fuse_relu6 and isinstance(m, ConvNormAct) and type(m.act) is nn.ReLU6]
+    for block, _ in relu6:
         block.act = nn.ReLU()  # fusable; the fixed grid (and, before convert, the ReLU6 put back) clips at 6
     fl = fuse_list(model)
     with quiet():
@@ -165,8 +164,8 @@ def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "
             if fl:
                 tq.fuse_modules(model, fl, inplace=True)
             model.qconfig = _qconfig(backend, observer)
-        for block in relu6:
-            fused = _fused_conv(block)
+        for block, conv in relu6:
+            fused = get_module(block, conv)  # the fused conv+relu now sits where the conv was
             fused.qconfig = _relu6_qconfig(backend, qat)
             if not qat:  # calibrate through the real ReLU6 (convert reads only the conv of a fused pair)
                 fused[-1] = nn.ReLU6()
