@@ -23,6 +23,7 @@ from PIL import Image
 import zoo
 from zoo.data.sources import data_root
 from zoo.errors import ZooError
+from zoo.layers import ConvNormAct, InvertedResidual
 from zoo.models._tf_same import ConvNormActSame, PadSame, same_pad
 from zoo.recipe import run_recipe
 from zoo.recipe.schema import RecipeError, load_recipe
@@ -132,6 +133,52 @@ def test_float_import_matches_interpreter(tmp_path, name):
     assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
 
 
+def _interpreter_logits(path: Path, images: torch.Tensor) -> np.ndarray:
+    """Dequantized uint8 logits (background dropped) of the interpreter for (N, S, S, 3) uint8 images."""
+    it = Interpreter(model_path=str(path), num_threads=1)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    s, z = out["quantization"]
+    ys = []
+    for x in images:
+        it.set_tensor(inp["index"], x[None].numpy())
+        it.invoke()
+        ys.append((it.get_tensor(out["index"])[0][1:].astype(np.float32) - z) * s)
+    return np.stack(ys)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", ["mobilenet_v1", "mobilenet_v2"])
+def test_uint8_activations_reproduce_interpreter(tmp_path, name):
+    path = write(tmp_path, Exporter(tiny(name, seed=1), quantized=True).export())
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    ref = _interpreter_logits(path, images)
+    lsb = 0.1  # the test exporter's logits grid
+    x = (images.permute(0, 3, 1, 2).float() / 255 - 128 / 255) / (128 / 255)  # the file's input coding
+    out = import_tflite(path, tmp_path / "m.safetensors", activations="uint8")
+    z = zoo.create(name, weights=str(out)).eval()
+    with torch.no_grad():
+        err = np.abs(z(x).numpy() - ref) / lsb
+        err_float = np.abs(tflite_to_model(path)(x).numpy() - ref) / lsb
+    assert err.max() <= 1 + 1e-4 and (err > 1e-3).mean() <= 0.05  # at most one step, on few logits
+    assert err_float.max() > 1.5  # the float import does not round, so it is further off
+    step = zoo.weights.read_checkpoint(out).spec["compression"][-1]
+    residual = sum(isinstance(m, InvertedResidual) and m.use_res for m in z.modules())
+    convs = sum(isinstance(m, ConvNormAct) for m in z.modules())
+    assert step["kind"] == "actgrid" and len(step["modules"]) == convs + residual + 2  # + global pool, logits
+    assert step["modules"]["classifier"] == [pytest.approx(lsb), 128] and step["modules"]["stem"][1] == 0
+
+
+def test_uint8_activations_need_a_quantized_file(tmp_path):
+    path = write(tmp_path, Exporter(tiny("mobilenet_v1"), quantized=False).export())
+    with pytest.raises(ZooError, match=r"activations='uint8' needs a fully quantized file .* its layer outputs "
+                                       r"are float32"):
+        import_tflite(path, tmp_path / "x.safetensors", activations="uint8")
+    with pytest.raises(ZooError, match="activations='int4' is not supported; allowed: 'float', 'uint8'"):
+        tflite_to_model(path, activations="int4")
+
+
 def _const(ex: Exporter, name: str) -> tuple[np.ndarray, dict]:
     t = next(t for t in ex.b.tensors if t["name"] == name)
     dtype = {tflite.TensorType.UINT8: np.uint8, tflite.TensorType.INT32: np.int32}[t["type"]]
@@ -173,6 +220,8 @@ def test_command_line_helpers(tmp_path):
     line = import_tflite_command(path, tmp_path / "v2.safetensors", model="mobilenet_v2")
     assert line.startswith(f"wrote {tmp_path / 'v2.safetensors'}: mobilenet_v2(") and "width=0.35" in line
     assert "uint8 weights dequantized, background logit dropped" in line
+    line = import_tflite_command(path, tmp_path / "v2u.safetensors", activations="uint8")
+    assert line.endswith("input uint8; activations on the file's uint8 grids)")
     spec = json.loads(json.dumps(zoo.weights.read_checkpoint(tmp_path / "v2.safetensors").spec))
     assert spec["name"] == "mobilenet_v2" and spec["kwargs"]["padding"] == "same"
     with pytest.raises(ZooError, match=r"model='mobilenet_v1' does not match .* which holds mobilenet_v2\("):
@@ -259,10 +308,12 @@ def _sample(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 @needs_coral
 @needs_interpreter
-@pytest.mark.parametrize("file, size, min_agreement", [("mobilenet_v1_0.25_128_quant.tflite", 128, 93.0),
-                                                       ("mobilenet_v1_0.5_160_quant.tflite", 160, 97.0)])
-def test_coral_file_agrees_with_interpreter(tmp_path, file, size, min_agreement):
-    out = import_tflite(CORAL / file, tmp_path / "m.safetensors")
+@pytest.mark.parametrize("file, size, activations, min_agreement", [
+    ("mobilenet_v1_0.25_128_quant.tflite", 128, "float", 93.0),  # float32 activations: 94.0% (tflite_import.md)
+    ("mobilenet_v1_0.25_128_quant.tflite", 128, "uint8", 97.0),  # the file's activation grids: 97.6%
+    ("mobilenet_v1_0.5_160_quant.tflite", 160, "float", 97.0)])
+def test_coral_file_agrees_with_interpreter(tmp_path, file, size, activations, min_agreement):
+    out = import_tflite(CORAL / file, tmp_path / "m.safetensors", activations=activations)
     ckpt = zoo.weights.read_checkpoint(out)
     images, labels, names = _sample(size)
     assert [ckpt.metadata["classes"][i] for i in labels] == names  # torchvision order, background dropped

@@ -175,6 +175,8 @@ def test_cli_import(tmp_path, capsys):
     assert err.startswith("zoo: error: cannot import") and "does not fit zoo" in err and "Traceback" not in err
     assert main(["weights", "import", str(src), "--model", "resnet20", "--out", str(out), "--mean", "a,b"]) == 2
     assert "--mean 'a,b' is not allowed" in capsys.readouterr().err
+    assert main(["weights", "import", str(src), "--model", "resnet20", "--out", str(out), "--activations", "uint8"]) == 2
+    assert "--activations uint8 is only for .tflite files" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (PRETRAINED / "resnet20.safetensors").is_file() or not CIFAR_TEST.is_file(),

@@ -8,6 +8,8 @@ Every technique works on every registered family through one API:
   `snip` (pruning at initialisation), `cubic_schedule` / `prune_iterative` (gradual pruning).
 * `quantize(model, method, calibration=None, ...)`: int8 'dynamic' / 'static' / 'qat' (then
   `convert`), STE 'binary' / 'ternary', and 'weights_kbit' (2..8 bits).
+* `fix_activation_grids(model, {name: (scale, zero_point)})`: round layer outputs to fixed uint8 grids
+  (a uint8 TFLite file's arithmetic, zoo.weights.tflite `activations="uint8"`).
 * `low_rank(model, rank=None, energy=None)`: SVD for linear / 1x1 convs, Tucker-2 for kxk convs.
 * `save(model, path)` / `load(path)`: the checkpoint writer and loader of zoo.weights.checkpoint
   (safetensors + spec, rebuilt through the registry, then each compression step).
@@ -15,6 +17,7 @@ Every technique works on every registered family through one API:
 
 from typing import Any
 
+from zoo.compress.actgrid import fix_activation_grids
 from zoo.compress.criteria import CRITERIA
 from zoo.compress.lowrank import low_rank
 from zoo.compress.pruning import (GRANULARITIES, SCOPES, channel_groups, cubic_schedule, make_permanent,
@@ -23,8 +26,8 @@ from zoo.compress.quantization import BACKENDS, METHODS, OBSERVERS, convert, qua
 from zoo.compress.serialize import build_from_spec
 
 __all__ = ["BACKENDS", "CRITERIA", "GRANULARITIES", "METHODS", "OBSERVERS", "SCOPES",  # the option vocabularies
-           "build_from_spec", "channel_groups", "convert", "cubic_schedule", "load", "low_rank", "make_permanent",
-           "prunable_layers", "prune", "prune_iterative", "quantize", "save", "snip", "sparsity"]
+           "build_from_spec", "channel_groups", "convert", "cubic_schedule", "fix_activation_grids", "load", "low_rank",
+           "make_permanent", "prunable_layers", "prune", "prune_iterative", "quantize", "save", "snip", "sparsity"]
 
 
 def __getattr__(name: str) -> Any:

@@ -216,6 +216,9 @@ def quantize(model: nn.Module, method: str, calibration: Any = None, *, backend:
     check_choice("quantize", "observer", observer, OBSERVERS)
     if is_quantized_model(model) or any(s.get("kind") in ("int8", "weightquant") for s in steps(model)):
         raise ZooError("quantize: the model is already quantized; quantize the float model instead")
+    if any(s.get("kind") == "actgrid" for s in steps(model)):
+        raise ZooError("quantize: the model rounds its activations to fixed grids (fix_activation_grids, e.g. a "
+                       "TFLite import with activations='uint8'); quantize the float import instead")
     if method == "weights_kbit":
         if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
             raise ZooError(f"quantize: bits={bits!r} is not allowed for method='weights_kbit'; expected an int in 2..8")

@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from zoo._registry import MAX_PARAMS, check_param_budget, create, meta_model
+from zoo.compress.actgrid import rebuild as actgrid_rebuild
 from zoo.compress._common import has_parametrizations, is_quantized_model, set_steps, steps
 from zoo.compress.lowrank import rebuild as lowrank_rebuild
 from zoo.compress import pt2e
@@ -234,6 +235,7 @@ def install_decoder(model: nn.Module) -> None:
 STEP_CONTAINERS: dict[str, dict[str, type]] = {  # kind -> keys every step of that kind needs, with their type
     "channels": {"modules": dict}, "mask": {"modules": list}, "lowrank": {"modules": dict},
     "weightquant": {"method": str, "modules": list}, "int8": {"method": str, "backend": str},
+    "actgrid": {"modules": dict},
 }
 _REBUILD_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, NotImplementedError)
 BITS_PER_PARAM_MIN = 1  # binary weights: the densest encoding zoo writes stores 1 bit per parameter
@@ -284,6 +286,8 @@ def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> nn.Module:
             register_masks(model, step["modules"])
         elif kind == "lowrank":
             lowrank_rebuild(model, step)
+        elif kind == "actgrid":
+            actgrid_rebuild(model, step)
         else:
             quant_rebuild(model, step)
         return model

@@ -11,7 +11,7 @@ from zoo.errors import ZooError
 from zoo.weights.checkpoint import read_checkpoint
 from zoo.weights.evaluate import evaluate_index
 from zoo.weights.foreign import CLASS_SETS, import_state_dict
-from zoo.weights.tflite import import_tflite_command, is_tflite
+from zoo.weights.tflite import ACTIVATIONS, import_tflite_command, is_tflite
 from zoo.weights.index import WeightsEntry, list_weights, register_checkpoint, verify_index, weights_for
 
 
@@ -84,8 +84,11 @@ def _floats(flag: str, raw: str | None) -> list[float] | None:
 
 def _cmd_import(args: argparse.Namespace) -> int:
     if is_tflite(args.path):  # architecture, classes and normalisation come from the file itself
-        print(import_tflite_command(args.path, args.out, model=args.name))
+        print(import_tflite_command(args.path, args.out, model=args.name, activations=args.activations))
         return 0
+    if args.activations != "float":
+        raise ZooError(f"--activations {args.activations} is only for .tflite files, whose layer outputs have "
+                       f"quantization grids; {args.path} is a state dict")
     if args.name is None:
         raise ZooError(f"--model is required for {args.path}: a safetensors state dict does not say which zoo model "
                        "it fits (only TFLite MobileNets are detected from the file)")
@@ -110,6 +113,9 @@ def _add_import(ws: Any) -> None:
     i.add_argument("--kw", action="append", metavar="KEY=VALUE", default=[],
                    help="a model argument (repeatable), e.g. --kw shortcut=A")
     i.add_argument("--out", required=True, help="the zoo checkpoint to write (.safetensors)")
+    i.add_argument("--activations", choices=ACTIVATIONS, default="float",
+                   help="TFLite only: float32 activations (default), or uint8 = every layer output rounded to the "
+                        "file's own grid, reproducing the interpreter's integer model")
     i.add_argument("--mean", default=None, help="input normalisation mean per channel, e.g. 0.485,0.456,0.406")
     i.add_argument("--std", default=None, help="input normalisation std per channel, e.g. 0.229,0.224,0.225")
     i.add_argument("--classes", default=None,
