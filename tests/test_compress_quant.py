@@ -328,3 +328,22 @@ def test_bad_quantize_arguments_fail_clearly():
     with pytest.raises(ZooError, match="does not exist"):
         zc.load("/nonexistent/x.safetensors")
     assert copy.deepcopy(q) is not q
+
+
+def test_eager_int8_takes_its_input_channels_last(tmp_path):
+    torch.manual_seed(0)
+    m = zoo.create("resnet18", num_classes=10).eval()
+    q = zc.quantize(m, "static", [torch.randn(2, 3, 64, 64) for _ in range(2)])
+    assert type(q.quant) is zq.ChannelsLastQuantize
+    x = torch.randn(2, 3, 64, 64)
+    seen = []
+    h = q.stem.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    with torch.no_grad():
+        y = q(x)
+        assert torch.equal(y, q(x.contiguous(memory_format=torch.channels_last)))
+    h.remove()
+    assert seen == [True, True]  # the first int8 conv gets NHWC either way
+    zc.save(q, tmp_path / "q.safetensors")
+    r = zc.load(tmp_path / "q.safetensors").eval()
+    assert type(r.quant) is zq.ChannelsLastQuantize and torch.equal(r(x), y)

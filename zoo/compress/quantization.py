@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.ao.nn.quantized as nnq
 import torch.ao.quantization as tq
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -173,6 +174,21 @@ def _prepare_static(model: nn.Module, backend: str, qat: bool, observer: str = "
     return model
 
 
+class ChannelsLastQuantize(nnq.Quantize):
+    """The input Quantize of an eager int8 model, handing its convs an NHWC (channels-last) image.
+
+    The x86 / fbgemm int8 convs compute in NHWC and return channels-last tensors; given an NCHW input the
+    first conv converts it itself, which cost ResNet-18 about 5 % of its int8 time (224 px, batch 1, 2
+    threads: 2.88 vs 2.73 ms; outputs identical). Same state (scale, zero_point) as nnq.Quantize.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize `x`, 4-d inputs in channels-last memory order."""
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 def _convert(model: nn.Module) -> nn.Module:
     model.eval()
     with quiet():
@@ -183,6 +199,9 @@ def _convert(model: nn.Module) -> nn.Module:
                 raise
             raise ZooError(f"quantize: the {torch.backends.quantized.engine!r} engine cannot pack one of this "
                            "model's grouped convs (oneDNN limitation); use backend='fbgemm' or 'auto'") from None
+    q = getattr(model, "quant", None)
+    if type(q) is nnq.Quantize:
+        model.quant = ChannelsLastQuantize(float(q.scale), int(q.zero_point), q.dtype)
     return model
 
 
