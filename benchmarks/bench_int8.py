@@ -4,10 +4,12 @@ Backends, per model and batch size: zoo fp32 eager; zoo eager int8 (torch.ao, zo
 backend auto); torchao PT2E int8 (X86InductorQuantizer) compiled by inductor with freezing
 (zoo.compress.pt2e.compile_x86); ExecuTorch fp32 and int8 (XNNPACK delegate, zoo.export.to_executorch);
 ONNX Runtime fp32 and int8 QDQ (zoo.export.to_onnx). Each repeat times every backend once, in a
-rotating order, right after one untimed call of the same backend (`--settle`), so each timed call runs
+rotating order, right after three untimed calls of the same backend (`--settle`), so each timed call runs
 on its own warm thread pool rather than in the spinning tail of the previous backend's (see
 bench_compress.interleaved; ExecuTorch exposes no switch for XNNPACK's spin-wait); ONNX Runtime's
-spinning is switched off (session.intra_op.allow_spinning = 0). Every runtime gets the same thread count. The table gives
+spinning is switched off (session.intra_op.allow_spinning = 0). One settle call was not enough: ResNet-18
+eager int8 measured 3.8 ms after one, 3.0-3.4 ms after three, and 2.7-3.0 ms in a process running no other
+runtime (benchmarks/int8.md, 2026-12-07). Every runtime gets the same thread count. The table gives
 medians in ms, the speed-up over fp32 eager and the ratio to the fastest backend; torchvision's
 quantized MobileNet v2 (eager torch.ao, random weights) is an anchor row.
 
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--settle", type=int, default=1, help="untimed calls of a backend before each timed call (default 1)")
+    ap.add_argument("--settle", type=int, default=3,
+                    help="untimed calls of a backend before each timed call (default 3)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

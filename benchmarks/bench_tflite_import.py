@@ -131,7 +131,8 @@ def run(data: Path, log=print) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in FILES:
             row = compare(data / "pretrained" / "imagenet_tflite_coral" / name, Path(tmp), paths, labels)
-            log(f"{name}: TFLite {row['tflite_top1']:.1f}%  ties {row['ties']}  ({row['tflite_s']:.1f} s)  " + "  ".join(
+            head = f"{name}: TFLite {row['tflite_top1']:.1f}%  ties {row['ties']}  ({row['tflite_s']:.1f} s)  "
+            log(head + "  ".join(
                 f"{a}: top-1 {row[a]['top1']:.1f}% agreement {row[a]['agreement']:.1f}% / "
                 f"{row[a]['agreement_ties']:.1f}% ({row[a]['s']:.1f} s)" for a in ACTIVATIONS))
             rows.append(row)

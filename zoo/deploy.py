@@ -223,24 +223,24 @@ class Int8Path:
     why: str  # the measurement behind the choice (median ms at batch 1)
 
 
-# From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved; benchmarks/int8.md, run of
-# 2026-12-07; the 2026-11-29 run on another VM chose the same paths).
+# From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved, settle 3; benchmarks/int8.md, run
+# of 2026-12-07 04:46 UTC; the 2026-11-29 run on another VM chose the same paths except MobileNet v1: ORT there).
 INT8_PATHS: dict[str, Int8Path] = {
-    "mobilenet_v1": Int8Path("onnxruntime", "onnx", 4.5, "ORT int8 2.6 ms; ExecuTorch int8 2.4; eager int8 3.3; "
-                             "PT2E x86 3.5; fp32 eager 12.0 (2026-11-29: ORT 3.6, ExecuTorch 4.2: the two trade "
-                             "places between VMs)"),
-    "mobilenet_v2": Int8Path("executorch", "executorch", 6.1, "ExecuTorch int8 2.4 ms; ORT int8 3.0; PT2E x86 "
-                             "5.2; eager int8 5.2; fp32 eager 14.4"),
-    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 3.5, "ORT int8 4.2 ms; ExecuTorch int8 12.1 (its three "
+    "mobilenet_v1": Int8Path("executorch", "executorch", 5.4, "ExecuTorch int8 2.3 ms; ORT int8 2.7; eager int8 "
+                             "3.0; PT2E x86 3.2; fp32 eager 12.4. ExecuTorch led ORT in all three runs on this VM "
+                             "(5.0-5.4x vs 4.5-4.6x); on the 2026-11-29 VM ORT led (3.6 vs 4.2 ms)"),
+    "mobilenet_v2": Int8Path("executorch", "executorch", 6.0, "ExecuTorch int8 2.2 ms; ORT int8 2.8; PT2E x86 "
+                             "4.4; eager int8 4.4; fp32 eager 13.0"),
+    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 3.6, "ORT int8 4.3 ms; ExecuTorch int8 11.9 (its three "
                               "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 15.7, no faster than "
-                              "fp32 eager 14.7; PT2E x86 fails in inductor on the grouped convs"),
-    "shufflenet_v2": Int8Path("executorch", "executorch", 5.8, "ExecuTorch int8 2.1 ms (fully delegated since the "
-                              "channel split is two slices); ORT int8 3.4; PT2E x86 6.5; eager int8 16.3, slower than "
-                              "fp32 eager 12.0"),
-    "squeezenet": Int8Path("executorch", "executorch", 7.9, "ExecuTorch int8 1.5 ms; ORT int8 2.4; PT2E x86 3.4; "
-                           "eager int8 3.4; fp32 eager 12.1"),
-    "resnet": Int8Path("eager", None, 5.9, "eager int8 4.0 ms, PT2E x86 4.1, ORT int8 5.3 at batch 1 "
-                       "(resnet18; fp32 eager 23.6); eager needs no compile or export step"),
+                              "fp32 eager 15.5; PT2E x86 fails in inductor on the grouped convs"),
+    "shufflenet_v2": Int8Path("executorch", "executorch", 6.0, "ExecuTorch int8 2.0 ms (fully delegated since the "
+                              "channel split is two slices; its 16 channel shuffles cost about a third of it); ORT "
+                              "int8 3.0; PT2E x86 6.0; eager int8 16.1, slower than fp32 eager 12.1"),
+    "squeezenet": Int8Path("executorch", "executorch", 7.9, "ExecuTorch int8 1.5 ms; ORT int8 2.2; PT2E x86 3.1; "
+                           "eager int8 3.0; fp32 eager 11.8"),
+    "resnet": Int8Path("eager", None, 6.5, "eager int8 3.4 ms (channels-last input), PT2E x86 3.5, ORT int8 5.0 at "
+                       "batch 1 (resnet18; fp32 eager 22.1); eager needs no compile or export step"),
 }
 
 

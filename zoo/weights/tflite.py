@@ -287,7 +287,7 @@ def is_tflite(path: str | os.PathLike) -> bool:
 
 def import_tflite_command(path: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
                           activations: str = "float") -> str:
-    """Run `zoo weights import FILE.tflite --out X.safetensors [--model NAME] [--activations uint8]`; the line to print."""
+    """Run `zoo weights import FILE.tflite --out X.safetensors [--model NAME] [--activations A]`; the line to print."""
     written, found = _import(path, out, model, activations)
     dropped = ", background logit dropped" if found.background else ""
     grid = "; activations on the file's uint8 grids" if activations == "uint8" else ""
