@@ -197,7 +197,8 @@ def to_executorch(model: nn.Module, path: str | os.PathLike, int8: bool = False,
     """Write an ExecuTorch `.pte` program (XNNPACK delegate) for a fixed (batch, C, H, W); returns the path.
 
     int8=True quantizes with torchao PT2E and the XNNPACKQuantizer, calibrated on `calibration` (an
-    iterable of input batches or (input, target) pairs; the first 8 are used).
+    iterable of input batches or (input, target) pairs; the first 8 are used). A ShuffleNet v2 is exported
+    with its channel shuffles folded into the weights (zoo.shuffle_fold): same function, no runtime shuffle.
     """
     _check_model(model, "to_executorch")
     if not isinstance(int8, bool):
