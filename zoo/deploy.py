@@ -224,23 +224,23 @@ class Int8Path:
 
 
 # From `python benchmarks/bench_int8.py` (batch 1, 224 px, 2 threads, interleaved, settle 3; benchmarks/int8.md, run
-# of 2026-12-07 04:46 UTC; the 2026-11-29 run on another VM chose the same paths except MobileNet v1: ORT there).
+# of 2026-12-07 05:15 UTC; the 2026-11-29 run on another VM chose the same paths except MobileNet v1: ORT there).
 INT8_PATHS: dict[str, Int8Path] = {
-    "mobilenet_v1": Int8Path("executorch", "executorch", 5.4, "ExecuTorch int8 2.3 ms; ORT int8 2.7; eager int8 "
-                             "3.0; PT2E x86 3.2; fp32 eager 12.4. ExecuTorch led ORT in all three runs on this VM "
-                             "(5.0-5.4x vs 4.5-4.6x); on the 2026-11-29 VM ORT led (3.6 vs 4.2 ms)"),
-    "mobilenet_v2": Int8Path("executorch", "executorch", 6.0, "ExecuTorch int8 2.2 ms; ORT int8 2.8; PT2E x86 "
-                             "4.4; eager int8 4.4; fp32 eager 13.0"),
-    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 3.6, "ORT int8 4.3 ms; ExecuTorch int8 11.9 (its three "
-                              "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 15.7, no faster than "
-                              "fp32 eager 15.5; PT2E x86 fails in inductor on the grouped convs"),
-    "shufflenet_v2": Int8Path("executorch", "executorch", 6.0, "ExecuTorch int8 2.0 ms (fully delegated since the "
-                              "channel split is two slices; its 16 channel shuffles cost about a third of it); ORT "
-                              "int8 3.0; PT2E x86 6.0; eager int8 16.1, slower than fp32 eager 12.1"),
-    "squeezenet": Int8Path("executorch", "executorch", 7.9, "ExecuTorch int8 1.5 ms; ORT int8 2.2; PT2E x86 3.1; "
-                           "eager int8 3.0; fp32 eager 11.8"),
-    "resnet": Int8Path("eager", None, 6.5, "eager int8 3.4 ms (channels-last input), PT2E x86 3.5, ORT int8 5.0 at "
-                       "batch 1 (resnet18; fp32 eager 22.1); eager needs no compile or export step"),
+    "mobilenet_v1": Int8Path("executorch", "executorch", 6.1, "ExecuTorch int8 2.4 ms; ORT int8 2.8; eager int8 "
+                             "3.5; PT2E x86 3.7; fp32 eager 14.6. ExecuTorch led ORT in all four runs on this VM "
+                             "(5.0-6.1x vs 4.5-5.1x); on the 2026-11-29 VM ORT led (3.6 vs 4.2 ms)"),
+    "mobilenet_v2": Int8Path("executorch", "executorch", 7.1, "ExecuTorch int8 2.2 ms; ORT int8 2.9; PT2E x86 "
+                             "4.9; eager int8 5.0; fp32 eager 15.6"),
+    "shufflenet_v1": Int8Path("onnxruntime", "onnx", 3.8, "ORT int8 4.1 ms; ExecuTorch int8 11.9 (its three "
+                              "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 15.8, no faster than "
+                              "fp32 eager 15.8; PT2E x86 fails in inductor on the grouped convs"),
+    "shufflenet_v2": Int8Path("executorch", "executorch", 7.4, "ExecuTorch int8 1.7 ms (channel shuffles folded "
+                              "into the weights at export, zoo.shuffle_fold; 2.0 ms with them); ORT int8 3.0; "
+                              "PT2E x86 6.1; eager int8 16.0, slower than fp32 eager 12.4"),
+    "squeezenet": Int8Path("executorch", "executorch", 8.2, "ExecuTorch int8 1.5 ms; ORT int8 2.3; PT2E x86 3.5; "
+                           "eager int8 3.2; fp32 eager 12.6"),
+    "resnet": Int8Path("eager", None, 6.7, "eager int8 3.6 ms (channels-last input), PT2E x86 3.7, ORT int8 5.2 at "
+                       "batch 1 (resnet18; fp32 eager 24.1); eager needs no compile or export step"),
 }
 
 

@@ -16,12 +16,12 @@ run torchao's PT2E flow (zoo.compress.pt2e: X86InductorQuantizer / ExecuTorch's 
 whose result is a torch.fx graph, stored and reloaded exactly by zoo.compress.save / load too.
 Why 'auto' stays eager (measured by benchmarks/bench_int8.py, batch 1, 224 px, 2 threads; benchmarks/int8.md):
 it is the only int8 model that is fast as an ordinary module in Python. On ResNet-18 it is the fastest
-of every runtime (2026-12-07 04:46 UTC: 3.4 ms; PT2E + inductor 3.5, ONNX Runtime 5.0, ExecuTorch 5.0; 76.7 vs
+of every runtime (2026-12-07 05:15 UTC: 3.6 ms; PT2E + inductor 3.7, ONNX Runtime 5.2, ExecuTorch 5.3; 76.7 vs
 90.3 ms at batch 32 on 2026-11-29); its input is quantized in channels-last order (ChannelsLastQuantize).
-On MobileNet v1/v2 and SqueezeNet an x86_pt2e graph is no faster in-process (3.2 vs 3.0, 4.4 vs 4.4,
-3.1 vs 3.0 ms), and only after compile_x86 (torch.compile with inductor freezing, a compile per loaded
+On MobileNet v1/v2 and SqueezeNet an x86_pt2e graph is no faster in-process (3.7 vs 3.5, 4.9 vs 5.0,
+3.5 vs 3.2 ms), and only after compile_x86 (torch.compile with inductor freezing, a compile per loaded
 model); xnnpack is fast only inside ExecuTorch (zoo.export.to_executorch). On ShuffleNet v1/v2 eager int8
-is no faster than fp32 (15.7 vs 15.5 ms; 16.1 vs 12.1 ms): deploy those, and the others, through the
+is no faster than fp32 (15.8 vs 15.8 ms; 16.0 vs 12.4 ms): deploy those, and the others, through the
 runtime `zoo.deploy.recommended_int8(model)` names for each family (ExecuTorch for ShuffleNet v2,
 MobileNet v1/v2 and SqueezeNet; ONNX Runtime for ShuffleNet v1; eager for ResNet).
 The eager torch.ao flow is deprecated upstream: its warnings are silenced in `_common.quiet` (the one
