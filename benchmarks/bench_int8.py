@@ -5,8 +5,9 @@ backend auto); torchao PT2E int8 (X86InductorQuantizer) compiled by inductor wit
 (zoo.compress.pt2e.compile_x86); ExecuTorch fp32 and int8 (XNNPACK delegate, zoo.deploy.executorch_lowered,
 as zoo.export.to_executorch: ShuffleNet v2 with its channel shuffles folded into the weights); ONNX Runtime
 fp32 and int8 QDQ (zoo.export.to_onnx). Each repeat times every backend once, in a rotating order, right
-after three untimed calls of the same backend (`--settle`), so each timed call runs on its own warm thread pool rather than in the spinning tail of the previous backend's (see
-bench_compress.interleaved; ExecuTorch exposes no switch for XNNPACK's spin-wait); ONNX Runtime's
+after three untimed calls of the same backend (`--settle`), so each timed call runs on its own warm thread
+pool rather than in the spinning tail of the previous backend's (see bench_compress.interleaved;
+ExecuTorch exposes no switch for XNNPACK's spin-wait); ONNX Runtime's
 spinning is switched off (session.intra_op.allow_spinning = 0). One settle call was not enough: ResNet-18
 eager int8 measured 3.8 ms after one, 3.0-3.4 ms after three, and 2.7-3.0 ms in a process running no other
 runtime (benchmarks/int8.md, 2026-12-07). Every runtime gets the same thread count. The table gives
