@@ -19,20 +19,13 @@ from zoo.export import example_input, max_abs_diff, to_onnx, to_torchscript
 from zoo.layers import BasicBlock, ConvNormAct, PadShortcut
 from zoo.profile import count_macs, count_params
 
+from toy_nets import random_bn  # (tests/ is on sys.path)
+
 # He et al. 2016 Table 6 (0.27 / 0.46 / 0.66 / 0.85 M); exact option-A counts with 10 classes
 PAPER_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}
 PROJECTION_MACS = 16 * 32 * 16 * 16 + 32 * 64 * 8 * 8  # the two 1x1 projections of option B at 32 px
 
 
-def _random_bn(m: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-    return m.eval()
 
 
 def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +75,7 @@ def test_pad_shortcut_matches_the_reference_formula():
 
 def test_static_int8_with_option_a(tmp_path):
     torch.manual_seed(0)
-    m = _random_bn(zoo.create("resnet20"))
+    m = random_bn(zoo.create("resnet20"))
     cal = [torch.randn(8, 3, 32, 32) for _ in range(3)]
     x = torch.randn(8, 3, 32, 32)
     for model in (m, zc.prune(m, 0.4, "magnitude", "channel", "global")):  # default and re-routed shortcuts
@@ -99,7 +92,7 @@ def test_static_int8_with_option_a(tmp_path):
 def test_pruned_int8_option_a_exports(tmp_path):
     """Re-routed int8 shortcuts (zeros in the input's quantisation, per-channel selects) export exactly
     to TorchScript and to ONNX within a quantisation step or two."""
-    m = _random_bn(zoo.create("resnet20"))
+    m = random_bn(zoo.create("resnet20"))
     p = zc.prune(m, 0.4, "random", "channel", "global", seed=3)
     assert any(len(s.pad) == 0 for s in p.modules() if isinstance(s, PadShortcut))
     q = zc.quantize(p, "static", calibration=[torch.randn(8, 3, 32, 32) for _ in range(2)])
@@ -113,7 +106,7 @@ def test_pruning_option_a_equals_the_masked_model(amount, scope, seed):
     """Removing channels = zeroing them: the residual add couples conv2's outputs with the zero-padded
     identity, so a removed output channel must drop the identity that landed on it, and a kept one whose
     identity channel was removed receives zeros."""
-    m = _random_bn(zoo.create("resnet20"))
+    m = random_bn(zoo.create("resnet20"))
     x = torch.randn(2, 3, 32, 32)
     groups = build_groups(m)
     kinds = {mem.kind for g in groups for mem in g.members if mem.module.endswith("downsample")}
@@ -139,7 +132,7 @@ def test_pruning_option_a_equals_the_masked_model(amount, scope, seed):
 
 
 def test_pruned_option_a_saves_and_halves_resnet56(tmp_path):
-    m = _random_bn(zoo.create("resnet56"))
+    m = random_bn(zoo.create("resnet56"))
     x = torch.randn(2, 3, 32, 32)
     p = zc.prune(m, 0.5, "magnitude", "channel", "layer")
     assert count_macs(p, (3, 32, 32)) < 0.5 * count_macs(m, (3, 32, 32))

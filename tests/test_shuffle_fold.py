@@ -12,17 +12,8 @@ from zoo.errors import ZooError
 from zoo.layers import ChannelShuffle
 from zoo.shuffle_fold import FoldedSplitUnit, FoldedStridedUnit, fold_channel_shuffles, has_channel_shuffles
 
+from toy_nets import random_bn  # (tests/ is on sys.path)
 
-def _random_bn(m: nn.Module) -> nn.Module:
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for bn in m.modules():
-            if isinstance(bn, nn.BatchNorm2d):
-                bn.running_mean.uniform_(-1, 1)
-                bn.running_var.uniform_(0.5, 2)
-                bn.weight.uniform_(0.5, 1.5)
-                bn.bias.uniform_(-0.5, 0.5)
-    return m.eval()
 
 
 def _check(m: nn.Module, side: int) -> nn.Module:
@@ -40,7 +31,7 @@ def _check(m: nn.Module, side: int) -> nn.Module:
 @pytest.mark.parametrize("kw,side", [({"width": 0.5}, 64), ({"width": 1.5}, 64),
                                      ({"width": 0.5, "stem": "cifar"}, 32)])
 def test_folded_model_computes_the_same(kw, side):
-    m = _random_bn(zoo.create("shufflenet_v2", num_classes=10, **kw))
+    m = random_bn(zoo.create("shufflenet_v2", num_classes=10, **kw))
     f = _check(m, side)
     kinds = [type(u) for s in f.stages for u in s]
     assert kinds == [FoldedStridedUnit, FoldedSplitUnit, FoldedSplitUnit, FoldedSplitUnit,
@@ -53,7 +44,7 @@ def test_folded_model_computes_the_same(kw, side):
 
 def test_channel_pruned_model_folds():
     torch.manual_seed(1)
-    m = _random_bn(zoo.create("shufflenet_v2", width=1.0, num_classes=10))
+    m = random_bn(zoo.create("shufflenet_v2", width=1.0, num_classes=10))
     p = zc.prune(m, 0.5, "magnitude", granularity="channel", example_inputs=torch.randn(1, 3, 64, 64)).eval()
     _check(p, 64)
 

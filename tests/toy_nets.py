@@ -1,5 +1,5 @@
 """Toy networks shared by the pruning tests: a residual add written inside a custom module (no zoo block),
-the case issue 12 found zoo's old pruner silently wrong on."""
+the case issue 12 found zoo's old pruner silently wrong on; and `random_bn`, shared by equivalence tests."""
 
 from __future__ import annotations
 
@@ -31,3 +31,15 @@ class Toy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
+
+
+def random_bn(m: nn.Module, seed: int = 1) -> nn.Module:
+    """Seeded non-trivial batch-norm statistics and affine terms, so every layer matters; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
+    return m.eval()
