@@ -23,6 +23,8 @@ from zoo.errors import ZooError
 from zoo.weights.checkpoint import model_spec, serialized_size
 from zoo.profile import count_macs, profile
 
+from toy_nets import random_bn  # (tests/ is on sys.path)
+
 REPRESENTED = {"resnet34": "resnet18", "resnet101": "resnet50", "resnet152": "resnet50"}
 MODELS = [n for n in zoo.list_models() if n not in REPRESENTED]
 
@@ -35,18 +37,6 @@ def small(name: str, **kw) -> nn.Module:
     m = zoo.create(name, num_classes=10, **kw).eval()
     if not zoo.model_card(name).fixed_resolution:
         m.spec.input_size = (m.in_chans, 32, 32)
-    return m
-
-
-def randomize_bn(m: nn.Module) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters, so that surgery mistakes show in the outputs."""
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
     return m
 
 
@@ -95,7 +85,7 @@ def _save(m: nn.Module, tmp_path) -> str:
 def test_structured_surgery_is_exact(name):
     """Zeroing exactly the channels a plan removes, then removing them, changes nothing: every
     dependency (residual adds, depthwise, grouped convs, shuffles, concats, flatten, classifier) holds."""
-    m = randomize_bn(small(name))
+    m = random_bn(small(name))
     x = torch.randn(2, *m.spec.input_size)
     groups = build_groups(m)
     live = [g for g in groups if not g.frozen]
@@ -117,7 +107,7 @@ def test_structured_surgery_is_exact(name):
     ("mobilenet_v2", {"width": 0.35}), ("mlp", {"hidden": (64, 32, 16)}),
 ])
 def test_structured_variants_exact(name, kw):
-    m = randomize_bn(small(name, **kw))
+    m = random_bn(small(name, **kw))
     x = torch.randn(2, *m.spec.input_size)
     groups = build_groups(m)
     for amount, scope in ((0.3, "layer"), (0.6, "global")):
@@ -146,7 +136,7 @@ def test_shufflenet_v1_mid_channels_stay_divisible_by_groups():
 def test_shufflenet_stage_channels_are_pruned(name, kw):
     """Issue 12: the stage channels (concat shortcuts, channel split, shuffles, grouped convs) are pruned
     consistently, so 50% of the channels leave at most 0.35x of the MACs, exactly as the masked model."""
-    m = randomize_bn(small(name, **kw))
+    m = random_bn(small(name, **kw))
     x = torch.randn(2, *m.spec.input_size)
     size = m.spec.input_size
     p = zc.prune(m, 0.5, "magnitude", "channel", "global")

@@ -15,6 +15,8 @@ from zoo.compress.groups import build_groups
 from zoo.compress.portable import load_pruned, save_pruned
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
+
+from toy_nets import random_bn  # (tests/ is on sys.path)
 from zoo.profile import count_macs
 
 torchvision = pytest.importorskip("torchvision")
@@ -34,15 +36,7 @@ FOREIGN = {
 
 def _build(name: str) -> nn.Module:
     torch.manual_seed(0)
-    m = FOREIGN[name]()
-    g = torch.Generator().manual_seed(1)
-    for mod in m.modules():  # non-trivial BN statistics, so that a wrong channel shows in the outputs
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-    return m.eval()
+    return random_bn(FOREIGN[name]())  # non-trivial BN statistics, so that a wrong channel shows in the outputs
 
 
 def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

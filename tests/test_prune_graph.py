@@ -19,20 +19,9 @@ from zoo.compress.select import keep_counts
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 from zoo.profile import count_macs
-from toy_nets import Toy  # noqa: E402  (tests/ is on sys.path)
+from toy_nets import Toy, random_bn  # noqa: E402  (tests/ is on sys.path)
 
 X8 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def _bn(m: nn.Module, seed: int = 1) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-    return m.eval()
 
 
 def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -57,7 +46,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_residual_inside_a_custom_module_is_one_group():
-    m = _bn(Toy())
+    m = random_bn(Toy())
     groups = build_groups(m, X8[:1])
     stage = [g for g in groups if any(mm.module == "blocks.0.conv2" and mm.kind == "out" for mm in g.members)]
     assert len(stage) == 1
@@ -180,7 +169,7 @@ def test_untraceable_control_flow_is_refused():
 
 
 def test_the_probe_check_names_the_first_wrong_layer():
-    m = _bn(Toy())
+    m = random_bn(Toy())
     groups = build_groups(m, X8[:1])
     kept = plan(groups, criteria.unit_scores(m, groups, "random", seed=1), 0.5, "layer")
     ref, pruned = copy.deepcopy(m), copy.deepcopy(m)

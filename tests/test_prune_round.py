@@ -19,21 +19,9 @@ from zoo.compress.pruning import equivalence_error
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 from zoo.profile import count_macs
-from toy_nets import Toy  # noqa: E402  (tests/ is on sys.path)
+from toy_nets import Toy, random_bn  # noqa: E402  (tests/ is on sys.path)
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-def _bn(m: nn.Module) -> nn.Module:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.weight.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
-    return m.eval()
 
 
 
@@ -62,7 +50,7 @@ def _widths(m: nn.Module) -> dict[tuple[str, str], int]:
 @pytest.mark.parametrize("round_to, scope", [(8, "global"), (16, "layer")])
 def test_kept_counts_are_multiples_and_the_result_is_exact(name, round_to, scope):
     torch.manual_seed(0)
-    m = _bn(MODELS[name]())
+    m = random_bn(MODELS[name]())
     p = zc.prune(m, 0.5, "magnitude", "channel", scope, example_inputs=X[:1], p=1, round_to=round_to)
     before, after = _widths(m), _widths(p)
     assert before.keys() == after.keys()
@@ -88,7 +76,7 @@ def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_rounding_is_up_and_per_group():
-    m = _bn(zoo.create("mobilenet_v2", stem="cifar", num_classes=10))
+    m = random_bn(zoo.create("mobilenet_v2", stem="cifar", num_classes=10))
     groups = build_groups(m, X[:1])
     scores = criteria.unit_scores(m, groups, "magnitude", p=1)
     plain = plan(groups, scores, 0.5, "layer")
@@ -103,14 +91,14 @@ def test_rounding_is_up_and_per_group():
 
 
 def test_round_to_above_every_group_keeps_the_model_whole():
-    m = _bn(Toy(c=8))
+    m = random_bn(Toy(c=8))
     p = zc.prune(m, 0.5, "magnitude", "channel", "layer", example_inputs=X[:1], round_to=64)
     assert _widths(p) == _widths(m)
     assert torch.allclose(_out(p, X), _out(m, X))
 
 
 def test_none_means_no_rounding():
-    m = _bn(Toy(c=12))
+    m = random_bn(Toy(c=12))
     a = zc.prune(m, 0.5, "magnitude", "channel", "layer", example_inputs=X[:1])
     b = zc.prune(m, 0.5, "magnitude", "channel", "layer", example_inputs=X[:1], round_to=None)
     c = zc.prune(m, 0.5, "magnitude", "channel", "layer", example_inputs=X[:1], round_to=8)
