@@ -70,6 +70,8 @@ class Detected:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     input_range: dict[str, Any]
+    conv_ops: list[TfOp]  # the backbone's CONV_2D / DEPTHWISE_CONV_2D ops, in graph order (one per layer)
+    head_op: TfOp  # the classifier op after the global pool
 
     def describe(self) -> str:
         """`mobilenet_v1(act='relu6', num_classes=1000, padding='same', resolution=128, width=0.25)`."""
@@ -149,7 +151,8 @@ def detect(path: str | os.PathLike) -> Detected:
     else:
         name, width = "mobilenet_v2", layers[-2].weight.shape[0] / V2_LAST_PROJECT
     kwargs["width"] = width
-    return Detected(graph, name, kwargs, layers, classifier, adds, n == WITH_BACKGROUND, mean, std, rng)
+    return Detected(graph, name, kwargs, layers, classifier, adds, n == WITH_BACKGROUND, mean, std, rng, backbone,
+                    head)
 
 
 def _act_name(m: ConvNormAct) -> str | None:
@@ -200,10 +203,9 @@ def _activation_grids(model: nn.Module, found: Detected) -> tuple[dict[str, tupl
     convs = [n for n, m in named if isinstance(m, ConvNormAct)]
     residual = [n for n, m in named if isinstance(m, InvertedResidual) and m.use_res]
     head = next(n for n, m in named if m is model.get_classifier())
-    ops, head_op = found.graph.ops, _split(found.graph)[1]
-    pairs = (list(zip(convs, [op for op in ops if op.kind in CONV_OPS][:len(convs)]))
-             + list(zip(residual, [op for op in ops if op.kind == "ADD"]))
-             + [("global_pool", next(op for op in ops if op.kind == "AVERAGE_POOL_2D")), (head, head_op)])
+    ops = found.graph.ops
+    pairs = (list(zip(convs, found.conv_ops)) + list(zip(residual, [op for op in ops if op.kind == "ADD"]))
+             + [("global_pool", next(op for op in ops if op.kind == "AVERAGE_POOL_2D")), (head, found.head_op)])
     kinds = {op.outputs[0].dtype for _, op in pairs}
     if len(kinds) != 1 or next(iter(kinds)) not in GRID_RANGES or any(op.outputs[0].scale is None for _, op in pairs):
         raise _fail(found.graph, f"activations='uint8' needs a fully quantized file (uint8 or int8 layer outputs); "
