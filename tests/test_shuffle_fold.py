@@ -9,7 +9,8 @@ import torch.nn as nn
 import zoo
 import zoo.compress as zc
 from zoo.errors import ZooError
-from zoo.layers import ChannelShuffle
+from zoo.export import max_abs_diff, to_onnx
+from zoo.layers import ChannelShuffle, ConvNormAct
 from zoo.shuffle_fold import FoldedSplitUnit, FoldedStridedUnit, fold_channel_shuffles, has_channel_shuffles
 
 from toy_nets import random_bn  # (tests/ is on sys.path)
@@ -57,3 +58,29 @@ def test_refusals():
     assert not has_channel_shuffles(masked)
     with pytest.raises(ZooError, match="parametrized weights"):
         fold_channel_shuffles(masked)
+
+
+
+def test_batchnorm_folded_model_folds_and_quantized_one_is_refused():
+    m = random_bn(zoo.create("shufflenet_v2", width=0.5, num_classes=10))
+    bn_pairs = [[f"{n}.conv", f"{n}.bn"] for n, mod in m.named_modules()
+                if isinstance(mod, ConvNormAct) and isinstance(mod.bn, nn.BatchNorm2d)]
+    _check(torch.ao.quantization.fuse_modules(m, bn_pairs), 64)  # BN in the conv: still a plain nn.Conv2d
+    q = zc.quantize(m, "static", calibration=[torch.randn(4, 3, 64, 64)])
+    assert not has_channel_shuffles(q)
+    with pytest.raises(ZooError, match="not plain nn.Conv2d"):
+        fold_channel_shuffles(q)
+
+
+def test_onnx_export_folds_the_shuffles(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX export needs the onnx extra: pip install 'zoo[onnx]'")
+    pytest.importorskip("onnxruntime", reason="the check runs the file in onnxruntime: pip install 'zoo[onnx]'")
+    m = random_bn(zoo.create("shufflenet_v2", width=0.5, num_classes=10))
+    path = to_onnx(m, tmp_path / "s.onnx", 64)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "Transpose" not in ops and "Slice" in ops  # no shuffle at run time; the split gathers slices
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        scale = float(m(x).abs().max())
+    assert max_abs_diff(m, path, x) <= 1e-5 * scale
+    assert not m.training and any(isinstance(mod, ChannelShuffle) for mod in m.modules())  # left as it was

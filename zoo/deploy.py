@@ -235,7 +235,8 @@ INT8_PATHS: dict[str, Int8Path] = {
                               "avg_pool2d shortcuts are not delegated to XNNPACK); eager int8 15.8, no faster than "
                               "fp32 eager 15.8; PT2E x86 fails in inductor on the grouped convs"),
     "shufflenet_v2": Int8Path("executorch", "executorch", 7.4, "ExecuTorch int8 1.7 ms (channel shuffles folded "
-                              "into the weights at export, zoo.shuffle_fold; 2.0 ms with them); ORT int8 3.0; "
+                              "into the weights at export, zoo.shuffle_fold; 2.0 ms with them); ORT int8 2.7 "
+                              "(also folded; 3.0 without); "
                               "PT2E x86 6.1; eager int8 16.0, slower than fp32 eager 12.4"),
     "squeezenet": Int8Path("executorch", "executorch", 8.2, "ExecuTorch int8 1.5 ms; ORT int8 2.3; PT2E x86 3.5; "
                            "eager int8 3.2; fp32 eager 12.6"),

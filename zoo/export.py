@@ -12,6 +12,8 @@ steps of PyTorch); it fails with one ZooError for ShuffleNet v2 (channel split =
 tensor) and for a standalone quantized ReLU6 (no ONNX symbolic for quantized::relu6; zoo.compress.quantize
 fuses ReLU6 into the conv, other torch.ao flows may not). See tests/test_export.py.
 A TorchScript file is a zip of pickles: a deployment format, never zoo's storage format.
+A float ShuffleNet v2 is exported to ONNX and ExecuTorch with its channel shuffles folded into the
+weights (zoo.shuffle_fold): the same function, with slices and concats instead of a runtime shuffle.
 
 Deployment int8 from the float model (zoo.deploy, `pip install 'zoo[deploy]'`): `to_onnx(..., int8=True,
 calibration=...)` writes a QDQ model quantized by onnxruntime, and `to_executorch` writes an ExecuTorch
@@ -39,6 +41,7 @@ from zoo._registry import create
 from zoo.data import DATASETS, get_loaders
 from zoo.deploy import ExecutorchModule, load_executorch
 from zoo.errors import ZooError
+from zoo.shuffle_fold import fold_channel_shuffles, has_channel_shuffles
 from zoo.spec import input_size as resolve_input_size, model_name, spec_of
 from zoo.weights.checkpoint import load_checkpoint, model_spec
 from zoo.weights.index import list_weights
@@ -148,9 +151,11 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, input_size: int | Sequenc
     p.parent.mkdir(parents=True, exist_ok=True)
     x = example_input(model, input_size)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    with _eval_quiet(model), torch.no_grad(), _silence_fds():
+    # ShuffleNet v2: the shuffles become weight permutations, as in to_executorch (ORT int8 3.6 -> 3.0 ms)
+    graph = fold_channel_shuffles(model) if has_channel_shuffles(model) else model
+    with _eval_quiet(graph), torch.no_grad(), _silence_fds():
         try:
-            torch.onnx.export(model, (x,), os.fspath(p), dynamo=False, opset_version=opset,
+            torch.onnx.export(graph, (x,), os.fspath(p), dynamo=False, opset_version=opset,
                               input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         except Exception as e:  # the exporter's own errors (unsupported op ...) become one message
             raise ZooError(f"to_onnx: PyTorch's ONNX exporter failed for {model_name(model)}: "

@@ -59,7 +59,8 @@ def _permute_inputs(m: ConvNormAct, src: list[int]) -> None:
 def _permute_depthwise(m: ConvNormAct, src: list[int]) -> None:
     """Depthwise conv (and its BN) computing logical channel j on physical channel src[j], in place."""
     idx = torch.tensor(src)
-    for t in [m.conv.weight, m.conv.bias, m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var]:
+    bn = [m.bn.weight, m.bn.bias, m.bn.running_mean, m.bn.running_var] if isinstance(m.bn, nn.BatchNorm2d) else []
+    for t in [m.conv.weight, m.conv.bias] + bn:  # (no BN: folded into the conv, or built without one)
         if t is not None:
             new = torch.empty_like(t)
             new[idx] = t.clone()
@@ -127,6 +128,8 @@ def _unfoldable(model: nn.Module) -> str | None:
         return "its first unit has stride 1; expected a strided unit that reads the whole input"
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         return "it has parametrized weights (masks or quantizers); fold the plain float model"
+    if any(type(m.conv) is not nn.Conv2d for m in model.modules() if isinstance(m, ConvNormAct)):
+        return "its convs are not plain nn.Conv2d (quantized, fused with their ReLU, or factorised); fold the float model"
     return None
 
 
