@@ -9,6 +9,7 @@ fp32 eager and fp32 torch.compile, at batch 1.
     python benchmarks/bench_compress.py                      # mobilenet_v2 + resnet18, 224 px
     python benchmarks/bench_compress.py --models mobilenet_v2 --size 224 --threads 2 --no-pt2e
     python benchmarks/bench_compress.py --models mobilenet_v2 --threads 2 --tables round   # round_to only
+    python benchmarks/bench_compress.py --models mobilenet_v2 --threads 2 --tables breakdown --round-to none 16
 
 The round_to table prunes 50% of the channels (L1 magnitude) in global and layer scope with kept counts
 rounded up to multiples of 8 / 16 (prune(..., round_to=N)) or not, and times dense and all of them
@@ -16,6 +17,11 @@ interleaved, in fp32 on each of three runtimes: eager NCHW (zoo's default), eage
 model converted with .to(memory_format=torch.channels_last), the input likewise) and an ExecuTorch
 program with the XNNPACK delegate. The ratio to the dense model on the same runtime is the pruned
 latency, MACs/dense the work left.
+
+The breakdown table says where the eager time of the dense and the layer-scope pruned model goes: the
+forward time summed per layer kind (1x1 conv, depthwise conv, other conv, batch norm, activation, linear;
+forward hooks, so the kinds add up to a little more than the plain call) in eager NCHW and channels_last,
+each pruned kind as a ratio to the same kind in the dense model.
 
 Weights are random (latency does not depend on them); int8 is calibrated on random batches.
 """
@@ -51,12 +57,13 @@ def time_ms(fn: Callable[[], object]) -> float:
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                settle: int = 1) -> dict[str, float]:
+                settle: int = 3) -> dict[str, float]:
     """Median ms per variant, timing each variant once per repeat in a rotating order.
 
     Before each timed call the same variant runs `settle` untimed calls back to back, so the timed call
     sees its own runtime's warm thread pool, not the tail of the previous variant's (XNNPACK's workers
-    spin for a while after a call and slow a following eager call by ~10 % on 2 cores). No sleep between
+    spin for a while after a call and slow a following eager call by ~10 % on 2 cores; one settle call
+    did not absorb that tail, three did: benchmarks/int8.md, 2026-12-07). No sleep between
     calls: on this VM an idle pause of 20 ms made the next eager forwards ~50 % slower (vCPU wake-up).
     """
     names = list(variants)
@@ -157,6 +164,67 @@ def round_table(names: list[str], size: int, batches: list[int], repeats: int, s
                                  for b in batches), flush=True)
 
 
+KINDS = ("conv 1x1", "conv dw", "conv other", "bn", "act", "linear")
+
+
+def _kind(m: nn.Module) -> str | None:
+    """The breakdown kind of a leaf layer, or None for layers the table does not time."""
+    if isinstance(m, nn.Conv2d):
+        return "conv dw" if m.groups > 1 and m.groups == m.in_channels else \
+            "conv 1x1" if m.kernel_size == (1, 1) else "conv other"
+    kinds = {nn.BatchNorm2d: "bn", nn.ReLU: "act", nn.ReLU6: "act", nn.Hardtanh: "act", nn.Linear: "linear"}
+    return kinds.get(type(m))
+
+
+def kind_times(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Mean ms per forward spent in each layer kind, timed with forward hooks, after two warm-up calls."""
+    spent = dict.fromkeys(KINDS, 0.0)
+    start: dict[str, float] = {}
+
+    def pre(name: str) -> Callable[..., None]:
+        return lambda mod, args: start.__setitem__(name, time.perf_counter())
+
+    def post(name: str, kind: str) -> Callable[..., None]:
+        return lambda mod, args, out: spent.__setitem__(kind, spent[kind] + time.perf_counter() - start[name])
+
+    hooks = []
+    for name, mod in model.named_modules():
+        kind = _kind(mod)
+        if kind is not None:
+            hooks += [mod.register_forward_pre_hook(pre(name)), mod.register_forward_hook(post(name, kind))]
+    try:
+        for _ in range(2):
+            model(x)
+        spent.update(dict.fromkeys(KINDS, 0.0))
+        for _ in range(repeats):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v * 1e3 / repeats for k, v in spent.items()}
+
+
+def breakdown_table(names: list[str], size: int, repeats: int, rounds: list[int | None]) -> None:
+    """Print per-kind eager time of dense and layer-scope 50%-pruned models at batch 1, NCHW and channels_last."""
+    print(f"\n== where the eager time goes: ms per forward by layer kind, batch 1, {size}px, "
+          f"{torch.get_num_threads()} threads, mean of {repeats}; pruned rows also as a ratio to dense ==")
+    print(f"{'model':14s} {'layout':13s} {'variant':9s} " + " ".join(f"{k:>10s}" for k in KINDS))
+    for name in names:
+        m = build(name, size)
+        models = {"dense": m} | {f"layer {r}": zc.prune(m, 0.5, "magnitude", "channel", "layer", p=1, round_to=r)
+                                 for r in rounds}
+        for layout in ("eager", "channels_last"):
+            fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            x = torch.randn(1, 3, size, size).contiguous(memory_format=fmt)
+            with torch.inference_mode():
+                t = {k: kind_times(copy.deepcopy(mm).to(memory_format=fmt), x, repeats) for k, mm in models.items()}
+            for k, row in t.items():
+                cells = [f"{row[c]:10.2f}" if k == "dense" else
+                         f"{row[c]:5.2f} {row[c] / t['dense'][c]:4.2f}" if t["dense"][c] else f"{row[c]:10.2f}"
+                         for c in KINDS]
+                print(f"{name:14s} {layout:13s} {k:9s} " + " ".join(cells), flush=True)
+
+
 def pt2e_int8(m: nn.Module, x: torch.Tensor, cal: list[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """torchao PT2E: export, X86InductorQuantizer (per-channel weights), calibrate, convert, compile."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -216,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-pt2e", action="store_true", help="skip the eager-vs-PT2E int8 flow table")
-    ap.add_argument("--tables", nargs="+", default=["compress", "round", "flow"], choices=["compress", "round", "flow"],
-                    help="which tables to print (default all; --no-pt2e drops 'flow')")
+    ap.add_argument("--tables", nargs="+", default=["compress", "round", "flow"],
+                    choices=["compress", "round", "breakdown", "flow"],
+                    help="which tables to print (default compress, round, flow; --no-pt2e drops 'flow')")
     ap.add_argument("--scopes", nargs="+", default=["global", "layer"], choices=["global", "layer"],
                     help="pruning scopes of the round_to table")
     ap.add_argument("--round-to", nargs="+", default=["none", "8", "16"],
@@ -237,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         compress_table(args.models, args.size, args.batches, args.repeats)
     if "round" in args.tables:
         round_table(args.models, args.size, args.batches, args.repeats, args.scopes, rounds, args.runtimes)
+    if "breakdown" in args.tables:
+        breakdown_table(args.models, args.size, args.repeats, rounds)
     if "flow" in args.tables and not args.no_pt2e:
         flow_table(args.models, args.size, args.repeats)
     if "flow" in args.tables and not args.no_pt2e:
