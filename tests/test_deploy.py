@@ -27,21 +27,12 @@ from zoo.compress import make_permanent  # noqa: E402
 from zoo.deploy import executorch_lowered  # noqa: E402
 from zoo.export import example_input, load_executorch, onnx_outputs, to_executorch, to_onnx  # noqa: E402
 
+from toy_nets import random_bn  # noqa: E402  (tests/ is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = [("lenet5", {}, None), ("mobilenet_v2", {"width": 0.35}, 32), ("shufflenet_v2", {"width": 0.5}, 32),
             ("resnet20", {}, 32)]
 _DIGITS: dict[str, object] = {}
-
-
-def _random_bn(m: nn.Module) -> nn.Module:
-    """Non-trivial batch-norm statistics so every layer matters to the output."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-    return m.eval()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +41,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("name,kw,side", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_executorch_fp32_matches_eager(name: str, kw: dict, side: int | None, tmp_path: Path):
-    m = _random_bn(zoo.create(name, num_classes=10, **kw))
+    m = random_bn(zoo.create(name, num_classes=10, **kw), seed=3)
     x = example_input(m, side, batch=3, seed=1)  # a batch-1 program runs a batch of 3 in chunks
     prog = load_executorch(to_executorch(m, tmp_path / f"{name}.pte", input_size=side))
     assert prog.input_shape == (1,) + tuple(x.shape[1:])
