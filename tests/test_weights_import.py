@@ -25,6 +25,8 @@ from zoo.train import evaluate
 from zoo.weights import import_state_dict, read_checkpoint
 from zoo.weights.foreign import foreign_order
 
+from toy_nets import random_bn  # (tests/ is on sys.path)
+
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 PRETRAINED = data_root() / "pretrained" / "cifar10_resnets_akamaster"
 CIFAR_TEST = data_root() / "cifar10" / "test.npz"
@@ -68,16 +70,11 @@ class _RefResNet(nn.Module):
 
 def _reference(n: int = 3) -> nn.Module:
     torch.manual_seed(0)
-    ref = _RefResNet(n)
-    g = torch.Generator().manual_seed(1)
+    ref = random_bn(_RefResNet(n))  # distinct weight / bias / statistics per BN, so a swap shows
     for m in ref.modules():
-        if isinstance(m, nn.BatchNorm2d):  # distinct weight / bias / statistics, so a swap shows
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.2 - 0.1)
+        if isinstance(m, nn.BatchNorm2d):
             m.num_batches_tracked.fill_(7)
-    return ref.eval()
+    return ref
 
 
 def _save(sd: dict[str, torch.Tensor], path: Path) -> Path:
