@@ -33,7 +33,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import zoo
 from bench_compress import interleaved, time_ms  # one timing loop for the benchmarks (run from benchmarks/)
@@ -45,37 +44,13 @@ from zoo.compress.pruning import equivalence_error
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.profile import count_macs, count_params
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from toy_nets import Toy  # noqa: E402  the 8-channel toy net of issue 12, shared with the pruning tests
+
 AMOUNT = 0.5
 LOAD = os.getloadavg()  # other processes on the machine distort latency: the report states the load
 MAX_ROUNDS = 200  # fast models get more rounds: at least about one second of dense time per batch size
 EXACT = 1e-4  # zoo's check accepts |a - b| <= 1e-4 * max|a| (+ rtol 1e-3): below this the row is exact
-
-
-class Residual(nn.Module):
-    """A residual add written inside a custom module (no zoo block): relu(x + bn(conv(relu(bn(conv(x))))))."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block."""
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class Toy(nn.Module):
-    """The 8-channel toy net of issue 12: stem, two custom residual blocks, pooled linear head."""
-
-    def __init__(self, c: int = 8):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.blocks = nn.Sequential(Residual(c), Residual(c))
-        self.fc = nn.Linear(c, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits."""
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1), 1))
 
 
 def _tv(name: str) -> Callable[[], nn.Module]:

@@ -16,22 +16,10 @@ from zoo.compress.lowrank import _rank_for
 from zoo.errors import ZooError
 from zoo.profile import count_macs, layer_stats
 
+from toy_nets import outputs, small  # (tests/ is on sys.path)
+
 REPRESENTED = {"resnet34": "resnet18", "resnet101": "resnet50", "resnet152": "resnet50"}
 MODELS = [n for n in zoo.list_models() if n not in REPRESENTED]
-
-
-def small(name: str, **kw) -> nn.Module:
-    if "resolution" in zoo.model_args(name) and not zoo.model_card(name).fixed_resolution:
-        kw.setdefault("resolution", 32)
-    m = zoo.create(name, num_classes=10, **kw).eval()
-    if not zoo.model_card(name).fixed_resolution:
-        m.spec.input_size = (m.in_chans, 32, 32)
-    return m
-
-
-def out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -52,10 +40,10 @@ def test_low_rank_every_family(name, tmp_path):
     for path in step["skipped"]:
         assert not isinstance(f.get_submodule(path), nn.Sequential)
     assert count_macs(f, size) < count_macs(m, size)
-    assert out(f, x).shape == (2, 10)
+    assert outputs(f, x).shape == (2, 10)
     path = str(tmp_path / "lr.safetensors")
     zc.save(f, path)
-    assert torch.equal(out(zc.load(path), x), out(f, x))
+    assert torch.equal(outputs(zc.load(path), x), outputs(f, x))
 
 
 def test_exact_low_rank_weights_are_reproduced():
@@ -75,12 +63,12 @@ def test_exact_low_rank_weights_are_reproduced():
     d = f.spec.compression[-1]["modules"]
     assert d == {"0": {"method": "tucker2", "ranks": [6, 6]}, "1": {"method": "svd", "ranks": [6]},
                  "4": {"method": "svd", "ranks": [6]}}
-    ref, got = out(net, x), out(f, x)
+    ref, got = outputs(net, x), outputs(f, x)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
     g = zc.low_rank(net, energy=0.999999, example_inputs=x)  # energy picks the true ranks
     d = g.spec.compression[-1]["modules"]
     assert d["4"]["ranks"] == [3] and d["1"]["ranks"] == [4] and d["0"]["ranks"] == [5, 6]
-    assert torch.allclose(out(g, x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    assert torch.allclose(outputs(g, x), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 def test_rank_by_energy_is_the_smallest_sufficient():
@@ -98,7 +86,7 @@ def test_layers_that_would_not_shrink_are_skipped():
     assert step["modules"] == {} and len(step["skipped"]) == sum(
         isinstance(mod, (nn.Conv2d, nn.Linear)) for mod in m.modules())
     x = torch.randn(2, 3, 32, 32)
-    assert torch.equal(out(f, x), out(m, x))
+    assert torch.equal(outputs(f, x), outputs(m, x))
     dw = small("mobilenet_v1", width=0.25)
     g = zc.low_rank(dw, energy=0.5)
     done = g.spec.compression[-1]["modules"]
@@ -114,7 +102,7 @@ def test_factorised_then_pruned_order_and_int8(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     path = str(tmp_path / "plq.safetensors")
     zc.save(q, path)
-    assert torch.equal(out(zc.load(path), x), out(q, x))
+    assert torch.equal(outputs(zc.load(path), x), outputs(q, x))
     with pytest.raises(ZooError, match="low-rank|before"):
         zc.prune(f, 0.3, "magnitude", "channel")
 

@@ -23,26 +23,10 @@ from zoo.errors import ZooError
 from zoo.weights.checkpoint import model_spec, serialized_size
 from zoo.profile import count_macs, profile
 
-from toy_nets import random_bn  # (tests/ is on sys.path)
+from toy_nets import outputs, random_bn, small  # (tests/ is on sys.path)
 
 REPRESENTED = {"resnet34": "resnet18", "resnet101": "resnet50", "resnet152": "resnet50"}
 MODELS = [n for n in zoo.list_models() if n not in REPRESENTED]
-
-
-def small(name: str, **kw) -> nn.Module:
-    """`name` with 10 classes at 32x32 (MNIST nets keep their fixed 28x28 one-channel input), eval mode."""
-    args = zoo.model_args(name)
-    if "resolution" in args and not zoo.model_card(name).fixed_resolution:
-        kw.setdefault("resolution", 32)
-    m = zoo.create(name, num_classes=10, **kw).eval()
-    if not zoo.model_card(name).fixed_resolution:
-        m.spec.input_size = (m.in_chans, 32, 32)
-    return m
-
-
-def outputs(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
 
 
 def test_represented_models_share_blocks():

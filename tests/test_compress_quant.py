@@ -27,6 +27,8 @@ from zoo.errors import ZooError
 from zoo.weights.checkpoint import serialized_size, state_tensors
 from zoo.profile import profile
 
+from toy_nets import outputs  # (tests/ is on sys.path)
+
 # family -> (model, kwargs, input side, epochs, lr)
 TRAIN = {
     "lenet": ("lenet5", {}, 28, 2, 3e-3),
@@ -85,21 +87,16 @@ def trained(family: str) -> nn.Module:
     return _TRAINED[family]
 
 
-def predict(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
-
-
 @pytest.mark.parametrize("family", sorted(TRAIN))
 def test_static_int8_agrees_with_fp32_on_digits(family, tmp_path):
     m = trained(family)
     x, _, xv, yv = digits(m.spec.input_size)
-    fp = predict(m, xv)
+    fp = outputs(m, xv)
     acc = (fp.argmax(1) == yv).float().mean().item()
     assert acc >= 0.85, f"{family}: the fp32 model did not train ({acc:.3f})"
     calib = [(x[i:i + 64], None) for i in range(0, 256, 64)]  # (input, target) pairs work too
     q = zc.quantize(m, "static", calibration=[c for c, _ in calib])
-    out = predict(q, xv)
+    out = outputs(q, xv)
     agree = (out.argmax(1) == fp.argmax(1)).float().mean().item()
     assert agree >= 0.97, f"{family}: int8 agrees with fp32 on {agree:.3f} of digits"
     assert any(type(mod).__module__.startswith("torch.ao.nn.quantized") for mod in q.modules())
@@ -110,7 +107,7 @@ def test_static_int8_agrees_with_fp32_on_digits(family, tmp_path):
     path = str(tmp_path / "q.safetensors")
     zc.save(q, path)
     r = zc.load(path)
-    assert torch.equal(predict(r, xv), out)  # scales and zero points reproduced exactly (not #5890)
+    assert torch.equal(outputs(r, xv), out)  # scales and zero points reproduced exactly (not #5890)
 
 
 def test_static_calibration_accepts_a_dataloader_of_pairs():
@@ -120,7 +117,7 @@ def test_static_calibration_accepts_a_dataloader_of_pairs():
     x = digits(m.spec.input_size)[0]
     b = zc.quantize(m, "static", calibration=[x[i:i + 64] for i in range(0, 192, 64)], observer="minmax")
     assert a.spec.compression[-1]["method"] == "static"
-    assert predict(a, x[:8]).shape == predict(b, x[:8]).shape == (8, 10)
+    assert outputs(a, x[:8]).shape == outputs(b, x[:8]).shape == (8, 10)
 
 
 def test_relu6_fused_into_the_conv_with_a_fixed_0_to_6_grid(tmp_path):
@@ -161,7 +158,7 @@ def test_int8_saved_before_relu6_fusion_still_reloads(tmp_path, monkeypatch):
     zc.save(old, path)
     r = zc.load(path)
     assert type(r.blocks[1].expand.act).__module__.startswith("torch.ao")
-    assert torch.equal(predict(r, x[:32]), predict(old, x[:32]))
+    assert torch.equal(outputs(r, x[:32]), outputs(old, x[:32]))
 
 
 def test_bottleneck_and_grouped_models_reload_exactly(tmp_path):
@@ -176,7 +173,7 @@ def test_bottleneck_and_grouped_models_reload_exactly(tmp_path):
             assert q.spec.compression[-1]["backend"] == "fbgemm"  # oneDNN cannot pack some grouped convs
         path = str(tmp_path / f"{name}.safetensors")
         zc.save(q, path)
-        assert torch.equal(predict(zc.load(path), x), predict(q, x))
+        assert torch.equal(outputs(zc.load(path), x), outputs(q, x))
 
 
 def test_dynamic_int8_linear_model(tmp_path):
@@ -184,18 +181,18 @@ def test_dynamic_int8_linear_model(tmp_path):
     _, _, xv, _ = digits(m.spec.input_size)
     q = zc.quantize(m, "dynamic")
     assert type(q.features[5]).__module__.startswith("torch.ao.nn.quantized.dynamic")
-    agree = (predict(q, xv).argmax(1) == predict(m, xv).argmax(1)).float().mean().item()
+    agree = (outputs(q, xv).argmax(1) == outputs(m, xv).argmax(1)).float().mean().item()
     assert agree >= 0.97
     assert serialized_size(q) < 0.32 * serialized_size(m)  # LeNet-5's weights are mostly in fc layers
     path = str(tmp_path / "d.safetensors")
     zc.save(q, path)
-    assert torch.equal(predict(zc.load(path), xv), predict(q, xv))
+    assert torch.equal(outputs(zc.load(path), xv), outputs(q, xv))
 
 
 def test_qat_prepare_finetune_convert(tmp_path):
     m = trained("resnet_cifar")
     x, y, xv, _ = digits(m.spec.input_size)
-    fp = predict(m, xv).argmax(1)
+    fp = outputs(m, xv).argmax(1)
     p = zc.quantize(m, "qat")
     assert p.training and any("FakeQuantize" in type(mod).__name__ for mod in p.modules())
     opt = torch.optim.SGD(p.parameters(), 1e-3, momentum=0.9)
@@ -207,12 +204,12 @@ def test_qat_prepare_finetune_convert(tmp_path):
     path = str(tmp_path / "p.safetensors")
     zc.save(p, path)  # a prepared (fake-quant) model saves and reloads too
     rp = zc.load(path)
-    assert torch.equal(predict(rp, xv[:16]), predict(p, xv[:16]))
+    assert torch.equal(outputs(rp, xv[:16]), outputs(p, xv[:16]))
     q = zc.convert(p)
-    agree = (predict(q, xv).argmax(1) == fp).float().mean().item()
+    agree = (outputs(q, xv).argmax(1) == fp).float().mean().item()
     assert agree >= 0.97
     zc.save(q, path)
-    assert torch.equal(predict(zc.load(path), xv), predict(q, xv))
+    assert torch.equal(outputs(zc.load(path), xv), outputs(q, xv))
     with pytest.raises(ZooError, match="convert"):
         zc.convert(q)
 
@@ -257,29 +254,29 @@ def test_binary_ternary_weights(method, levels, tmp_path):
     path = str(tmp_path / "b.safetensors")
     zc.save(q, path)
     r = zc.load(path)
-    assert torch.equal(predict(r, xv), predict(q, xv))
+    assert torch.equal(outputs(r, xv), outputs(q, xv))
     assert serialized_size(q) < 0.2 * serialized_size(m)
 
 
 def test_weights_kbit_size_accuracy_curve(tmp_path):
     m = trained("resnet_cifar")
     _, _, xv, yv = digits(m.spec.input_size)
-    ref = predict(m, xv)
+    ref = outputs(m, xv)
     sizes, errs = [], []
     for bits in (2, 3, 4, 6, 8):
         q = zc.quantize(m, "weights_kbit", bits=bits)
         w = q.stages[1][0].conv1.conv.weight.detach()
         for row in w.reshape(w.shape[0], -1):
             assert len(torch.unique(row)) <= 2 ** bits - 1
-        out = predict(q, xv)
+        out = outputs(q, xv)
         sizes.append(serialized_size(q))
         errs.append(float((out - ref).abs().mean()))
         path = str(tmp_path / f"k{bits}.safetensors")
         zc.save(q, path)
-        assert torch.equal(predict(zc.load(path), xv), out)
+        assert torch.equal(outputs(zc.load(path), xv), out)
     assert sizes == sorted(sizes) and sizes[0] < 0.2 * serialized_size(m)
     assert errs[-1] < errs[0] and errs[-1] == min(errs)
-    acc8 = (predict(zc.quantize(m, "weights_kbit", bits=8), xv).argmax(1) == yv).float().mean()
+    acc8 = (outputs(zc.quantize(m, "weights_kbit", bits=8), xv).argmax(1) == yv).float().mean()
     assert acc8 >= (ref.argmax(1) == yv).float().mean() - 0.01
 
 
@@ -290,7 +287,7 @@ def test_masked_model_is_baked_before_int8():
     assert not any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in q.modules())
     assert any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in p.modules())  # source untouched
     x = digits(m.spec.input_size)[2][:4]
-    assert predict(p, x).shape == predict(q, x).shape
+    assert outputs(p, x).shape == outputs(q, x).shape
 
 
 def test_bad_quantize_arguments_fail_clearly():

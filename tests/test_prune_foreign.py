@@ -16,7 +16,7 @@ from zoo.compress.portable import load_pruned, save_pruned
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 
-from toy_nets import random_bn  # (tests/ is on sys.path)
+from toy_nets import outputs, random_bn  # (tests/ is on sys.path)
 from zoo.profile import count_macs
 
 torchvision = pytest.importorskip("torchvision")
@@ -39,11 +39,6 @@ def _build(name: str) -> nn.Module:
     return random_bn(FOREIGN[name]())  # non-trivial BN statistics, so that a wrong channel shows in the outputs
 
 
-def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
-
-
 @pytest.mark.parametrize("name", sorted(FOREIGN))
 def test_foreign_model_prunes_exactly(name, tmp_path):
     m = _build(name)
@@ -54,7 +49,7 @@ def test_foreign_model_prunes_exactly(name, tmp_path):
     ref, cut = copy.deepcopy(m), copy.deepcopy(m)
     zero_removed(ref, groups, kept)
     apply_plan(cut, groups, kept)
-    a, b = _out(ref, x), _out(cut, x)
+    a, b = outputs(ref, x), outputs(cut, x)
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
     # the public API: L1 magnitude, global, checked against the masked model inside prune
     p = zc.prune(m, 0.5, "magnitude", "channel", "global", p=1, example_inputs=x[:1])
@@ -68,7 +63,7 @@ def test_foreign_model_prunes_exactly(name, tmp_path):
     save_pruned(p, path)
     assert b"\x80" not in path.read_bytes()[:8]  # a safetensors header, not a pickle
     r = load_pruned(path, FOREIGN[name]())
-    assert torch.equal(_out(r, x), _out(p, x))
+    assert torch.equal(outputs(r, x), outputs(p, x))
 
 
 def test_load_pruned_refuses_other_files(tmp_path):

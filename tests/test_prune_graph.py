@@ -19,14 +19,9 @@ from zoo.compress.select import keep_counts
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 from zoo.profile import count_macs
-from toy_nets import Toy, random_bn  # noqa: E402  (tests/ is on sys.path)
+from toy_nets import Toy, outputs, random_bn  # noqa: E402  (tests/ is on sys.path)
 
 X8 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-
-
-def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
 
 
 def _masked_vs_pruned(m: nn.Module, x: torch.Tensor, amount: float, scope: str, seed: int = 3
@@ -36,13 +31,11 @@ def _masked_vs_pruned(m: nn.Module, x: torch.Tensor, amount: float, scope: str, 
     ref, pruned = copy.deepcopy(m), copy.deepcopy(m)
     zero_removed(ref, groups, kept)
     apply_plan(pruned, groups, kept)
-    return _out(ref, x), _out(pruned, x), pruned
+    return outputs(ref, x), outputs(pruned, x), pruned
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
-
-
 
 
 def test_residual_inside_a_custom_module_is_one_group():

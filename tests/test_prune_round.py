@@ -19,11 +19,9 @@ from zoo.compress.pruning import equivalence_error
 from zoo.compress.surgery import apply_plan, plan, zero_removed
 from zoo.errors import ZooError
 from zoo.profile import count_macs
-from toy_nets import Toy, random_bn  # noqa: E402  (tests/ is on sys.path)
+from toy_nets import Toy, outputs, random_bn  # noqa: E402  (tests/ is on sys.path)
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
 
 
 MODELS = {
@@ -67,12 +65,7 @@ def test_kept_counts_are_multiples_and_the_result_is_exact(name, round_to, scope
     zero_removed(ref, groups, kept)
     apply_plan(cut, groups, kept)
     assert equivalence_error(ref, cut, X) < 1e-5
-    assert torch.equal(_out(cut, X), _out(p, X))  # prune() returned that very plan
-
-
-def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
+    assert torch.equal(outputs(cut, X), outputs(p, X))  # prune() returned that very plan
 
 
 def test_rounding_is_up_and_per_group():
@@ -94,7 +87,7 @@ def test_round_to_above_every_group_keeps_the_model_whole():
     m = random_bn(Toy(c=8))
     p = zc.prune(m, 0.5, "magnitude", "channel", "layer", example_inputs=X[:1], round_to=64)
     assert _widths(p) == _widths(m)
-    assert torch.allclose(_out(p, X), _out(m, X))
+    assert torch.allclose(outputs(p, X), outputs(m, X))
 
 
 def test_none_means_no_rounding():

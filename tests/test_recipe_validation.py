@@ -15,7 +15,8 @@ import zoo
 from zoo.cli import main
 from zoo.recipe import RecipeError, load_recipe
 from zoo.data.sources import data_root
-from zoo.recipe.schema import fill_kwargs, recipe_path
+from zoo.recipe.checks import fill_kwargs
+from zoo.recipe.schema import recipe_path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

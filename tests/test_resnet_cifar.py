@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import zoo
@@ -19,18 +18,11 @@ from zoo.export import example_input, max_abs_diff, to_onnx, to_torchscript
 from zoo.layers import BasicBlock, ConvNormAct, PadShortcut
 from zoo.profile import count_macs, count_params
 
-from toy_nets import random_bn  # (tests/ is on sys.path)
+from toy_nets import outputs, random_bn  # (tests/ is on sys.path)
 
 # He et al. 2016 Table 6 (0.27 / 0.46 / 0.66 / 0.85 M); exact option-A counts with 10 classes
 PAPER_PARAMS = {"resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018}
 PROJECTION_MACS = 16 * 32 * 16 * 16 + 32 * 64 * 8 * 8  # the two 1x1 projections of option B at 32 px
-
-
-
-
-def _out(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return m.eval()(x)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_PARAMS))
@@ -82,11 +74,11 @@ def test_static_int8_with_option_a(tmp_path):
         q = zc.quantize(model, "static", calibration=cal)
         shortcuts = [s for s in q.modules() if isinstance(s, PadShortcut)]
         assert len(shortcuts) == 2
-        a, b = _out(model, x), _out(q, x)
+        a, b = outputs(model, x), outputs(q, x)
         assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())
         assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.75
         zc.save(q, tmp_path / "q.safetensors")
-        assert torch.equal(_out(zc.load(tmp_path / "q.safetensors"), x), b)
+        assert torch.equal(outputs(zc.load(tmp_path / "q.safetensors"), x), b)
 
 
 def test_pruned_int8_option_a_exports(tmp_path):
@@ -115,7 +107,7 @@ def test_pruning_option_a_equals_the_masked_model(amount, scope, seed):
     ref, pruned = copy.deepcopy(m), copy.deepcopy(m)
     zero_removed(ref, groups, kept)
     apply_plan(pruned, groups, kept)
-    a, b = _out(ref, x), _out(pruned, x)
+    a, b = outputs(ref, x), outputs(pruned, x)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
     routed = [s for s in pruned.modules() if isinstance(s, PadShortcut)]
     assert any(-1 in s.index for s in routed)  # some identity channels really were dropped
@@ -128,7 +120,7 @@ def test_pruning_option_a_equals_the_masked_model(amount, scope, seed):
     zero_removed(leaky, groups, kept)
     for s in [s for s in leaky.modules() if isinstance(s, PadShortcut)]:
         s.set_index(PadShortcut(s.in_chs, s.out_chs, s.stride).index)  # identity into every channel again
-    assert not torch.allclose(_out(leaky, x), b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
+    assert not torch.allclose(outputs(leaky, x), b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-7)
 
 
 def test_pruned_option_a_saves_and_halves_resnet56(tmp_path):
@@ -139,6 +131,6 @@ def test_pruned_option_a_saves_and_halves_resnet56(tmp_path):
     assert [s.out_chs for s in p.modules() if isinstance(s, PadShortcut)] == [16, 32]
     zc.save(p, tmp_path / "p.safetensors")
     r = zc.load(tmp_path / "p.safetensors")
-    assert torch.equal(_out(r, x), _out(p, x))
+    assert torch.equal(outputs(r, x), outputs(p, x))
     assert [s.index for s in r.modules() if isinstance(s, PadShortcut)] == \
         [s.index for s in p.modules() if isinstance(s, PadShortcut)]

@@ -1,11 +1,14 @@
-"""Toy networks shared by the pruning tests: a residual add written inside a custom module (no zoo block),
-the case issue 12 found zoo's old pruner silently wrong on; and `random_bn`, shared by equivalence tests."""
+"""Helpers shared by the tests: a toy residual add written inside a custom module (no zoo block), the case
+issue 12 found zoo's old pruner silently wrong on; `random_bn` for equivalence tests; `small` (a zoo model at
+10 classes and 32 px) and `outputs` (an eval-mode, no-grad forward)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import zoo
 
 
 class Residual(nn.Module):
@@ -43,3 +46,19 @@ def random_bn(m: nn.Module, seed: int = 1) -> nn.Module:
             mod.weight.data.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
             mod.bias.data.copy_(torch.rand(mod.num_features, generator=g) * 0.2 - 0.1)
     return m.eval()
+
+
+def small(name: str, **kw) -> nn.Module:
+    """`name` with 10 classes at 32x32 (MNIST nets keep their fixed 28x28 one-channel input), eval mode."""
+    if "resolution" in zoo.model_args(name) and not zoo.model_card(name).fixed_resolution:
+        kw.setdefault("resolution", 32)
+    m = zoo.create(name, num_classes=10, **kw).eval()
+    if not zoo.model_card(name).fixed_resolution:
+        m.spec.input_size = (m.in_chans, 32, 32)
+    return m
+
+
+def outputs(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """m(x) in eval mode without autograd."""
+    with torch.no_grad():
+        return m.eval()(x)

@@ -37,7 +37,7 @@ from zoo.compress.actgrid import rebuild as actgrid_rebuild
 from zoo.compress._common import has_parametrizations, is_quantized_model, set_steps, steps
 from zoo.compress.lowrank import rebuild as lowrank_rebuild
 from zoo.compress import pt2e
-from zoo.compress.pruning import WeightMask, register_masks
+from zoo.compress.pruning import register_masks
 from zoo.compress.quantization import rebuild as quant_rebuild
 from zoo.compress.surgery import rebuild_structure
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight

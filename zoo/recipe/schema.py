@@ -18,8 +18,8 @@ import yaml
 from zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.sources import data_root
 from zoo.errors import ZooError
-from zoo.recipe.checks import (  # RecipeError, Checker, DATASETS and fill_kwargs are part of this module's API too
-    DATASETS, Checker, RecipeError, check_model_kwargs, check_train_config, fill_kwargs, short_value, type_name,
+from zoo.recipe.checks import (  # RecipeError, Checker and DATASETS are part of this module's API too
+    DATASETS, Checker, RecipeError, check_model_kwargs, check_train_config, short_value, type_name,
 )
 from zoo.recipe.columns import COLUMNS, DEFAULT_COLUMNS
 from zoo.recipe.registry import COMMON_STAGE_KEYS, DEFAULT_SECTIONS, STAGE_TYPES, StageSpec

@@ -33,8 +33,8 @@ from zoo.compress.serialize import build_from_spec, encode_state, is_compressed,
 from zoo.errors import ZooError
 from zoo.io import atomic_save
 from zoo.spec import attach_spec, model_name, require_spec, spec_of
-from zoo.untrusted import (  # PICKLE_SUFFIXES is also used from here (zoo.weights.loading)
-    NONFINITE_HINT, PICKLE_SUFFIXES, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
+from zoo.untrusted import (
+    NONFINITE_HINT, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
 )
 
 MAX_IN_CHANS = int(COMMON_ARGS["in_chans"].max or 64)

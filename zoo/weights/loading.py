@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from zoo._registry import resolve_kwargs
 from zoo.errors import ZooError
-from zoo.untrusted import check_flag, short_repr
-from zoo.weights.checkpoint import PICKLE_SUFFIXES, load_checkpoint, read_checkpoint, sha256_file
+from zoo.untrusted import PICKLE_SUFFIXES, check_flag, short_repr
+from zoo.weights.checkpoint import load_checkpoint, read_checkpoint, sha256_file
 from zoo.weights.index import entry_path, find_entry
 
 
