@@ -18,7 +18,8 @@ pytest.importorskip("executorch", reason="backend xnnpack needs the deploy extra
 
 import zoo  # noqa: E402
 import zoo.compress as zc  # noqa: E402
-from test_compress_quant import digits, predict, trained  # noqa: E402
+from test_compress_quant import digits, trained  # noqa: E402
+from toy_nets import outputs  # noqa: E402
 from zoo.compress.pt2e import compile_x86  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
 from zoo.weights.checkpoint import model_spec, serialized_size  # noqa: E402
@@ -34,21 +35,21 @@ def _q_ops(model: torch.nn.Module) -> set[str]:
 def test_static_pt2e_agrees_with_fp32(family: str, backend: str, tmp_path: Path):
     m = trained(family)
     x, _, xv, _ = digits(m.spec.input_size)
-    fp = predict(m, xv)
+    fp = outputs(m, xv)
     q = zc.quantize(m, "static", calibration=[x[i:i + 64] for i in range(0, 256, 64)], backend=backend)
     assert "quantized_decomposed.quantize_per_tensor.default" in _q_ops(q)
     rr = zc.quantization.reduce_range()  # 7-bit activations only on CPUs without VNNI
     assert q.spec.compression[-1] == {"kind": "int8", "method": "static", "backend": backend, "reduce_range": rr}
     assert model_spec(q)["name"] == m.spec.name and not m.spec.compression  # source untouched
-    out = predict(q, xv)  # .eval() works on the exported graph
+    out = outputs(q, xv)  # .eval() works on the exported graph
     assert not torch.equal(out, fp)
     agree = (out.argmax(1) == fp.argmax(1)).float().mean().item()
     assert agree >= 0.97, f"{family} {backend}: int8 agrees with fp32 on {agree:.3f} of digits"
-    assert predict(q, xv[:5]).shape == (5, 10)  # any batch size, not only the calibration one
+    assert outputs(q, xv[:5]).shape == (5, 10)  # any batch size, not only the calibration one
     path = tmp_path / "q.safetensors"
     zc.save(q, path)
     r = zc.load(path)
-    assert torch.equal(predict(r, xv), out)  # int8 weights, scales and activation qparams restored exactly
+    assert torch.equal(outputs(r, xv), out)  # int8 weights, scales and activation qparams restored exactly
     assert r.spec.compression == q.spec.compression
     fp_bytes, q_bytes = serialized_size(m), zoo.profile(q, flops=False).size_bytes
     assert q_bytes == serialized_size(q) and 0.2 < q_bytes / fp_bytes < 0.4  # int8 weights, float biases
@@ -61,11 +62,11 @@ def test_dynamic_pt2e_quantizes_linear_layers(tmp_path: Path):
     _, _, xv, _ = digits(m.spec.input_size)
     q = zc.quantize(m, "dynamic", backend="x86_pt2e")
     assert any("choose_qparams" in t for t in map(str, (n.target for n in q.graph.nodes)))
-    out = predict(q, xv)
-    agree = (out.argmax(1) == predict(m, xv).argmax(1)).float().mean().item()
+    out = outputs(q, xv)
+    agree = (out.argmax(1) == outputs(m, xv).argmax(1)).float().mean().item()
     assert agree >= 0.97
     zc.save(q, tmp_path / "d.safetensors")
-    assert torch.equal(predict(zc.load(tmp_path / "d.safetensors"), xv), out)
+    assert torch.equal(outputs(zc.load(tmp_path / "d.safetensors"), xv), out)
 
 
 def test_qat_pt2e_prepare_finetune_convert(tmp_path: Path):
@@ -74,7 +75,7 @@ def test_qat_pt2e_prepare_finetune_convert(tmp_path: Path):
     # the recipe test below runs QAT through the recipe stage on a model with batch norm
     m = trained("lenet")
     x, y, xv, _ = digits(m.spec.input_size)
-    fp = predict(m, xv).argmax(1)
+    fp = outputs(m, xv).argmax(1)
     p = zc.quantize(m, "qat", backend="x86_pt2e", calibration=[x[:64]])
     assert p.training and p.spec.compression[-1]["converted"] is False
     opt = torch.optim.SGD(p.parameters(), 1e-3, momentum=0.9)
@@ -89,9 +90,9 @@ def test_qat_pt2e_prepare_finetune_convert(tmp_path: Path):
     assert q.spec.compression[-1] == {"kind": "int8", "method": "qat", "backend": "x86_pt2e",
                                      "reduce_range": zc.quantization.reduce_range(), "converted": True}
     zc.save(q, tmp_path / "q.safetensors")
-    assert torch.equal(predict(zc.load(tmp_path / "q.safetensors"), xv), predict(q, xv))
+    assert torch.equal(outputs(zc.load(tmp_path / "q.safetensors"), xv), outputs(q, xv))
     assert "quantized_decomposed.quantize_per_tensor.default" in _q_ops(q)
-    agree = (predict(q, xv).argmax(1) == fp).float().mean().item()
+    agree = (outputs(q, xv).argmax(1) == fp).float().mean().item()
     assert agree >= 0.97
     with pytest.raises(ZooError, match="convert"):
         zc.convert(q)
@@ -101,7 +102,7 @@ def test_compiled_x86_graph_keeps_predictions():
     m = trained("lenet")
     x, _, xv, _ = digits(m.spec.input_size)
     q = zc.quantize(m, "static", calibration=[x[:128]], backend="x86_pt2e")
-    ref = predict(q, xv[:64])
+    ref = outputs(q, xv[:64])
     fast = compile_x86(q, xv[:64])
     with torch.no_grad():
         out = fast(xv[:64])
