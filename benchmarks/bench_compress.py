@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import os
 import statistics
 import sys
@@ -47,6 +49,29 @@ import zoo.compress as zc
 from zoo.deploy import executorch_program, set_threads
 from zoo.export import load_executorch
 from zoo.profile import count_macs
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
+
+
+def pin_allocator(mmap_mb: int = 32) -> bool:
+    """Fix glibc malloc's mmap and trim thresholds (mallopt) so eager timings do not depend on heap history.
+
+    By default glibc raises both thresholds only after a large mmapped block is freed, so until then every
+    activation over 128 KB is mmapped, or the heap top is trimmed after each forward, and the next forward
+    page-faults its memory in again. That history differs between processes: dense MobileNet v2 at batch 1
+    (2 threads) took 2,300-3,500 minor faults and 16.6-18.6 ms per forward by default, 0 faults and
+    12.5-14.3 ms with the thresholds fixed (benchmarks/prune_round.md, 2026-12-07). False where there is no
+    glibc mallopt.
+    """
+    name = ctypes.util.find_library("c")
+    if not name or sys.platform != "linux":
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, mmap_mb << 20)
+    return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_mb << 20))
 
 
 def time_ms(fn: Callable[[], object]) -> float:
@@ -294,14 +319,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
                     help="fp32 runtimes of the round_to table (default all: eager NCHW, eager channels_last, "
                          "ExecuTorch XNNPACK)")
+    ap.add_argument("--allocator", default="pinned", choices=["pinned", "default"],
+                    help="pinned (default): fix glibc malloc's mmap/trim thresholds first (pin_allocator); "
+                         "default: leave them to glibc's dynamic adjustment, as earlier runs did")
     args = ap.parse_args(argv)
     rounds = [None if r.lower() == "none" else int(r) for r in args.round_to]
     if args.threads:
         torch.set_num_threads(args.threads)
         set_threads(args.threads)
     warnings.filterwarnings("ignore")
+    pinned = args.allocator == "pinned" and pin_allocator()
     print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}, "
-          f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f}, "
+          f"malloc thresholds {'pinned (32 MB mmap, 64 MB trim)' if pinned else 'glibc default'}")
     if "compress" in args.tables:
         compress_table(args.models, args.size, args.batches, args.repeats)
     if "round" in args.tables:
