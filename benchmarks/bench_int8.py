@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from bench_compress import interleaved  # one timing loop for the benchmarks (run from benchmarks/)
+from bench_compress import interleaved, pin_allocator  # one timing loop and heap set-up (run from benchmarks/)
 from zoo.recipe.engine import environment
 import zoo.compress as zc
 from zoo import deploy
@@ -149,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=int, default=3,
                     help="untimed calls of a backend before each timed call (default 3)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
+    ap.add_argument("--allocator", default="pinned", choices=["pinned", "default"],
+                    help="pinned (default): fix glibc malloc's mmap/trim thresholds first "
+                         "(bench_compress.pin_allocator); default: glibc's dynamic ones, as runs before "
+                         "2026-12-07 14:00 UTC")
     args = ap.parse_args(argv)
+    pinned = args.allocator == "pinned" and pin_allocator()
     torch.set_num_threads(args.threads)
     deploy.set_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     report = [f"# int8 latency by backend ({args.size} px, {args.threads} threads)", "",
               f"Command: `{cmd.strip()}`  ", f"Date: {now:%Y-%m-%d %H:%M} UTC  ",
-              f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}. "
+              f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, malloc thresholds "
+              f"{'pinned' if pinned else 'glibc default'}. "
               f"{args.repeats} interleaved repeats; cells: median ms (speed-up over zoo fp32 eager, time / fastest "
               "backend's time); bold = fastest.", "",
               head, *rows, "", "Goals (issue 13, batch 1):", "", *[f"- {v}" for v in verdicts]]
