@@ -74,6 +74,18 @@ def pin_allocator(mmap_mb: int = 32) -> bool:
     return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * mmap_mb << 20))
 
 
+def add_allocator_option(ap: argparse.ArgumentParser) -> None:
+    """Add the benchmarks' --allocator option (pinned, the default, or glibc's dynamic thresholds)."""
+    ap.add_argument("--allocator", default="pinned", choices=["pinned", "default"],
+                    help="pinned (default): fix glibc malloc's mmap/trim thresholds first (pin_allocator); "
+                         "default: glibc's dynamic ones, as runs before 2026-12-07 14:00 UTC did")
+
+
+def set_allocator(choice: str) -> str:
+    """Apply an --allocator choice; returns what the report header should say."""
+    return "pinned (32 MB mmap, 64 MB trim)" if choice == "pinned" and pin_allocator() else "glibc default"
+
+
 def time_ms(fn: Callable[[], object]) -> float:
     """Wall time of one call in ms."""
     t0 = time.perf_counter()
@@ -319,19 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES,
                     help="fp32 runtimes of the round_to table (default all: eager NCHW, eager channels_last, "
                          "ExecuTorch XNNPACK)")
-    ap.add_argument("--allocator", default="pinned", choices=["pinned", "default"],
-                    help="pinned (default): fix glibc malloc's mmap/trim thresholds first (pin_allocator); "
-                         "default: leave them to glibc's dynamic adjustment, as earlier runs did")
+    add_allocator_option(ap)
     args = ap.parse_args(argv)
     rounds = [None if r.lower() == "none" else int(r) for r in args.round_to]
     if args.threads:
         torch.set_num_threads(args.threads)
         set_threads(args.threads)
     warnings.filterwarnings("ignore")
-    pinned = args.allocator == "pinned" and pin_allocator()
+    heap = set_allocator(args.allocator)
     print(f"torch {torch.__version__}, quantized engines {torch.backends.quantized.supported_engines}, "
           f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f}, "
-          f"malloc thresholds {'pinned (32 MB mmap, 64 MB trim)' if pinned else 'glibc default'}")
+          f"malloc thresholds {heap}")
     if "compress" in args.tables:
         compress_table(args.models, args.size, args.batches, args.repeats)
     if "round" in args.tables:

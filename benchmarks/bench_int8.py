@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from bench_compress import interleaved, pin_allocator  # one timing loop and heap set-up (run from benchmarks/)
+from bench_compress import add_allocator_option, interleaved, set_allocator  # shared timing (run from benchmarks/)
 from zoo.recipe.engine import environment
 import zoo.compress as zc
 from zoo import deploy
@@ -149,12 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=int, default=3,
                     help="untimed calls of a backend before each timed call (default 3)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
-    ap.add_argument("--allocator", default="pinned", choices=["pinned", "default"],
-                    help="pinned (default): fix glibc malloc's mmap/trim thresholds first "
-                         "(bench_compress.pin_allocator); default: glibc's dynamic ones, as runs before "
-                         "2026-12-07 14:00 UTC")
+    add_allocator_option(ap)
     args = ap.parse_args(argv)
-    pinned = args.allocator == "pinned" and pin_allocator()
+    heap = set_allocator(args.allocator)
     torch.set_num_threads(args.threads)
     deploy.set_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -180,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     report = [f"# int8 latency by backend ({args.size} px, {args.threads} threads)", "",
               f"Command: `{cmd.strip()}`  ", f"Date: {now:%Y-%m-%d %H:%M} UTC  ",
               f"Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, malloc thresholds "
-              f"{'pinned' if pinned else 'glibc default'}. "
+              f"{heap}. "
               f"{args.repeats} interleaved repeats; cells: median ms (speed-up over zoo fp32 eager, time / fastest "
               "backend's time); bold = fastest.", "",
               head, *rows, "", "Goals (issue 13, batch 1):", "", *[f"- {v}" for v in verdicts]]
