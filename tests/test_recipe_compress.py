@@ -185,7 +185,8 @@ def test_committed_compression_recipes_validate_and_render() -> None:
 def test_mnist_han_quick_matches_its_committed_quick_table(mnist_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("ZOO_MNIST", str(mnist_dir))
     p = REPO / "recipes" / "mnist_han.yaml"
-    assert check_recipe(p, out=tmp_path / "run", quick=True, log=lambda s: None) == []
+    rep = check_recipe(p, out=tmp_path / "run", quick=True, log=lambda s: None)
+    assert rep.ok, rep.summary()
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["stage"]: r for r in res["rows"]}
     for dense, pruned in (("l300", "l300_han"), ("l5", "l5_han")):
@@ -213,7 +214,7 @@ def test_cifar10_quick_recipe_matches_its_committed_quick_table(name: str, tmp_p
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the committed quick tables were measured with 1 torch thread
     try:
-        assert check_recipe(REPO / "recipes" / f"{name}.yaml", out=tmp_path / "run", quick=True,
-                            log=lambda s: None) == []
+        rep = check_recipe(REPO / "recipes" / f"{name}.yaml", out=tmp_path / "run", quick=True, log=lambda s: None)
+        assert rep.ok, rep.summary()
     finally:
         torch.set_num_threads(threads)

@@ -23,7 +23,7 @@ from zoo.train import evaluate
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "zoo" / "recipe"
 # module -> layer; a module may import modules of lower layers, and of its own layer only as listed in SAME_LAYER
-LAYERS = {"checks": 0, "columns": 0, "registry": 0, "schema": 0, "stages": 1, "compress_stages": 1, "engine": 2,
+LAYERS = {"checks": 0, "columns": 0, "compare": 0, "registry": 0, "schema": 0, "stages": 1, "compress_stages": 1, "engine": 2,
           "report": 3, "cli": 4}
 SAME_LAYER = {"registry": {"checks"}, "schema": {"checks", "columns", "registry"}}
 

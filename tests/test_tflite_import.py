@@ -41,6 +41,7 @@ except ImportError:
     Interpreter = None
 needs_interpreter = pytest.mark.skipif(Interpreter is None, reason="needs ai-edge-litert (pip install 'zoo[tflite]')")
 
+REPO = Path(__file__).resolve().parents[1]
 CORAL = data_root() / "pretrained" / "imagenet_tflite_coral"
 SAMPLE = data_root() / "imagenet_sample"
 needs_coral = pytest.mark.skipif(not (CORAL.is_dir() and (SAMPLE / "labels.csv").is_file()),
@@ -306,13 +307,28 @@ def _sample(size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.stack(images), np.array([int(r["class_index"]) for r in rows]), [r["torchvision_category"] for r in rows]
 
 
+def agreement_floor(file: str, activations: str) -> float:
+    """The lowest agreement (percent of the 250 sample images) that still matches benchmarks/tflite_import.md.
+
+    Another CPU rounds float32 differently, which flips images whose top two classes are nearly tied. Model the
+    number of disagreeing images as Poisson around the committed count d: the floor allows d + 3 sqrt(d) + 1.
+    """
+    lines = [ln for ln in (REPO / "benchmarks" / "tflite_import.md").read_text().splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = next([c.strip() for c in ln.strip("|").split("|")] for ln in lines[1:] if ln.startswith(f"| {file} "))
+    measured = float(row[head.index(f"{activations}: agreement")].rstrip("%"))
+    d = round(250 * (100 - measured) / 100)
+    return 100 * (1 - (d + 3 * d ** 0.5 + 1) / 250)
+
+
 @needs_coral
 @needs_interpreter
-@pytest.mark.parametrize("file, size, activations, min_agreement", [
-    ("mobilenet_v1_0.25_128_quant.tflite", 128, "float", 93.0),  # float32 activations: 94.0% (tflite_import.md)
-    ("mobilenet_v1_0.25_128_quant.tflite", 128, "uint8", 97.0),  # the file's activation grids: 97.6%
-    ("mobilenet_v1_0.5_160_quant.tflite", 160, "float", 97.0)])
-def test_coral_file_agrees_with_interpreter(tmp_path, file, size, activations, min_agreement):
+@pytest.mark.parametrize("file, size, activations", [
+    ("mobilenet_v1_0.25_128_quant.tflite", 128, "float"),  # float32 activations: 94.0% (tflite_import.md)
+    ("mobilenet_v1_0.25_128_quant.tflite", 128, "uint8"),  # the file's activation grids: 97.6%
+    ("mobilenet_v1_0.5_160_quant.tflite", 160, "float")])
+def test_coral_file_agrees_with_interpreter(tmp_path, file, size, activations):
+    min_agreement = agreement_floor(file, activations)
     out = import_tflite(CORAL / file, tmp_path / "m.safetensors", activations=activations)
     ckpt = zoo.weights.read_checkpoint(out)
     images, labels, names = _sample(size)

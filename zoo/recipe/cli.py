@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from zoo.errors import ZooError
-from zoo.recipe.engine import committed_paths
 from zoo.recipe.report import check_recipe, run_recipe
 from zoo.recipe.schema import load_recipe
 
@@ -22,23 +21,17 @@ def _threads(args: argparse.Namespace) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _threads(args)
-    run_recipe(args.file, out=args.out, quick=args.quick, write_table=args.write_table)
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    run_recipe(args.file, out=args.out, quick=args.quick, write_table=args.write_table, stages=stages)
     return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.file)
     _threads(args)
-    diffs = check_recipe(recipe, out=args.out, quick=args.quick)
-    js, _ = committed_paths(recipe, args.quick)
-    tol = ", ".join(f"{k} {v:g}" for k, v in recipe.tolerance.items()) or "exact"
-    if diffs:
-        print(f"\nzoo recipe check: FAILED, {len(diffs)} difference(s) from {js} (tolerance: {tol}):")
-        for d in diffs:
-            print(f"  - {d}")
-        return 1
-    print(f"\nzoo recipe check: OK, the re-run matches {js} within tolerance ({tol}; unlisted: exact)")
-    return 0
+    report = check_recipe(recipe, out=args.out, quick=args.quick)
+    print("\n" + report.summary())
+    return 0 if report.ok else 1
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -65,6 +58,9 @@ def add_commands(sub: Any) -> None:
                    help="also write the committed table next to the recipe (<stem>.md, <stem>.results.json)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch threads for training (default: torch's choice; 1 is fastest on a busy machine)")
+    r.add_argument("--stages", default=None, metavar="NAME[,NAME]",
+                   help="run only these stages (and the stages they start from), every seed of one before the next; "
+                        "the table is written once every row's stage is done")
     r.set_defaults(func=_cmd_run)
 
     c = rsub.add_parser("check", help="re-run a recipe and compare with its committed table",

@@ -214,10 +214,25 @@ def default_out(recipe: Recipe, quick: bool, suffix: str = "") -> Path:
     return Path("runs") / f"{recipe.name}{suffix}{'-quick' if quick else ''}"
 
 
-def run_stages(recipe: Recipe, out: Path, quick: bool, log: Callable[[str], None]
+def needed_stages(recipe: Recipe, only: list[str]) -> list[str]:
+    """`only` and every stage they depend on, in recipe order; an unknown name is a ZooError listing the stages."""
+    unknown = [s for s in only if s not in recipe.stages]
+    if unknown:
+        raise ZooError(f"--stages {','.join(unknown)}: no such stage in {recipe.path}; stages: "
+                       + ", ".join(recipe.stages))
+    need, todo = set(), list(only)
+    while todo:
+        s = todo.pop()
+        if s not in need:
+            need.add(s)
+            todo.extend(recipe.stages[s].deps)
+    return [s for s in recipe.stages if s in need]
+
+
+def run_stages(recipe: Recipe, out: Path, quick: bool, log: Callable[[str], None], only: list[str] | None = None
                ) -> tuple[Run, dict[str, dict[int, dict[str, Any]]], list[int], float]:
-    """Run every stage for every seed into `out` (skipping completed ones): (run, records by stage and
-    effective seed, the recipe seeds run, wall-clock seconds)."""
+    """Run every stage (or the `only` ones and their upstream stages, stage by stage) for every seed into `out`
+    (skipping completed ones): (run, records by stage and effective seed, the recipe seeds run, seconds)."""
     run = Run(recipe, out, quick, log)
     seeds = recipe.quick["seeds"] if quick else recipe.seeds
     log(f"recipe {recipe.name}: {len(recipe.stages)} stages x {len(seeds)} seed(s){' (quick)' if quick else ''}"
@@ -227,12 +242,15 @@ def run_stages(recipe: Recipe, out: Path, quick: bool, log: Callable[[str], None
                      if "train" in s.options), 64)
     run.loaders(first_bs, seeds[0])  # dataset info (num_classes, sizes) for the kwargs and the report
     records: dict[str, dict[int, dict[str, Any]]] = {}
-    for seed in seeds:
-        for name, spec in recipe.stages.items():
-            eff = run.effective_seed(spec, seed)
-            if eff in records.get(name, {}):
-                continue  # a fixed-seed stage shared by all recipe seeds
-            records.setdefault(name, {})[eff] = _run_stage(run, spec, seed)
+    # the whole recipe runs seed by seed; `only` runs stage by stage, so one model's seeds finish first
+    order = [(seed, name) for seed in seeds for name in recipe.stages] if only is None else \
+        [(seed, name) for name in needed_stages(recipe, only) for seed in seeds]
+    for seed, name in order:
+        spec = recipe.stages[name]
+        eff = run.effective_seed(spec, seed)
+        if eff in records.get(name, {}):
+            continue  # a fixed-seed stage shared by all recipe seeds
+        records.setdefault(name, {})[eff] = _run_stage(run, spec, seed)
     return run, records, seeds, time.perf_counter() - t0
 
 
@@ -246,8 +264,15 @@ def committed_paths(recipe: Recipe, quick: bool = False) -> tuple[Path, Path]:
 def environment() -> dict[str, Any]:
     """Where the numbers were measured."""
     return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": sys.platform,
-            "train_threads": torch.get_num_threads()}
+            "cpu": _cpu_name(), "cpu_capability": cpu_capability(), "cpu_count": os.cpu_count(),
+            "platform": sys.platform, "train_threads": torch.get_num_threads()}
+
+
+def cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels run with (AVX512, AVX2, ...), and oneDNN's cap when one is set."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{cap}, oneDNN {onednn}" if onednn else cap
 
 
 def _cpu_name() -> str:

@@ -19,6 +19,7 @@ from zoo.errors import ZooError
 from zoo.io import make_out_dir
 from zoo.deploy import runtime_forward
 from zoo.profile import measure_latency, profile
+from zoo.recipe.compare import CheckReport, compare, tolerances
 from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
 from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
 from zoo.recipe.schema import Recipe, load_recipe
@@ -130,6 +131,7 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
             "top5": m5, "top5_std": s5, "num_val": recs[0].get("num_val"),
             "hashes": [r["hash"] for r in recs], "time_s": statistics.fmean(r["time_s"] for r in recs),
             "reference": row.reference or None, "options": run.options(spec), **prof, **comp,
+            "precision": recs[0]["metrics"].get("precision"), "memory_format": recs[0]["metrics"].get("memory_format"),
         })
     info = run.info
     stage_time = sum(r["time_s"] for per in records.values() for r in per.values())
@@ -292,46 +294,6 @@ def write_outputs(res: dict[str, Any], out: Path) -> None:
     plot(res, out / "accuracy_vs_macs.png")
 
 
-def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str, float]) -> list[str]:
-    """Lines describing every difference beyond tolerance (empty list: the check passes)."""
-    tol = {"top1": 0.0, "params": 0.0, "macs": 0.0, "size_kb": 0.0, **tolerance}
-    tol.setdefault("nonzero", tol["params"])
-    tol.setdefault("stored_kb", tol["size_kb"])
-    diffs: list[str] = []
-    if committed.get("seeds") != new.get("seeds"):
-        diffs.append(f"seeds: committed {committed.get('seeds')} vs re-run {new.get('seeds')}")
-    old_rows = {r["stage"]: r for r in committed.get("rows", [])}
-    new_rows = {r["stage"]: r for r in new["rows"]}
-    for s in old_rows.keys() - new_rows.keys():
-        diffs.append(f"row {s}: in the committed table but not in the recipe")
-    for s in new_rows.keys() - old_rows.keys():
-        diffs.append(f"row {s}: in the recipe but not in the committed table")
-    for s in [r["stage"] for r in new["rows"] if r["stage"] in old_rows]:
-        o, n = old_rows[s], new_rows[s]
-        if o.get("hashes") != n.get("hashes"):
-            diffs.append(f"row {s}: stage config differs from the one that produced the committed table "
-                         f"(hashes {o.get('hashes')} vs {n.get('hashes')})")
-        checks = [("top1", o.get("top1"), n["top1"], "points"), ("params", o.get("params"), n["params"], ""),
-                  ("macs", o.get("macs"), n["macs"], ""),
-                  ("size_kb", None if o.get("size_bytes") is None else o["size_bytes"] / 1024,
-                   None if n.get("size_bytes") is None else n["size_bytes"] / 1024, "KB")]
-        if "nonzero_params" in o:  # results written before the compression columns lack these
-            checks.append(("nonzero", o["nonzero_params"], n.get("nonzero_params"), ""))
-        if "sparse_size_bytes" in o:
-            checks.append(("stored_kb", None if o["sparse_size_bytes"] is None else o["sparse_size_bytes"] / 1024,
-                           None if n.get("sparse_size_bytes") is None else n["sparse_size_bytes"] / 1024, "KB"))
-        for key, a, b, unit in checks:
-            if a is None or b is None:
-                if a != b:
-                    diffs.append(f"row {s}: {key} committed {a} vs re-run {b}")
-                continue
-            if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > tol[key] + 1e-9:
-                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb") else (lambda v: f"{int(v):,}")
-                diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
-                             f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {tol[key]:g})")
-    return diffs
-
-
 def load_json(path: Path) -> dict[str, Any]:
     """Read a results.json (bounded size and nesting; not validated, see load_results)."""
     return parse_json(read_text(path, "results file"), f"results file {path}")
@@ -391,14 +353,22 @@ def load_results(path: Path) -> dict[str, Any]:
 
 
 def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
-               write_table: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+               write_table: bool = False, log: Callable[[str], None] | None = None,
+               stages: list[str] | None = None) -> dict[str, Any]:
     """Run every stage for every seed (skipping completed ones), then write results.json, table.md
-    and accuracy_vs_macs.png into `out`; `write_table` also writes the committed table next to the recipe."""
+    and accuracy_vs_macs.png into `out`; `write_table` also writes the committed table next to the recipe.
+    `stages` runs only those stages (and their upstream ones) for every seed and writes no table until
+    every row's stage is done: a long table resumes stage by stage across sessions."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     log = log or (lambda s: print(s, flush=True))
     out = make_out_dir(Path(out) if out is not None else default_out(recipe, quick), "--out")
-    run, records, seeds, wall = run_stages(recipe, out, quick, log)
+    run, records, seeds, wall = run_stages(recipe, out, quick, log, only=stages)
+    missing = [r.stage for r in recipe.rows if r.stage not in records]
+    if missing:
+        log(f"ran {', '.join(records)} for seeds {seeds}; no table yet: stages {', '.join(missing)} have not run "
+            f"(`zoo recipe run {recipe.path} --out {out}` runs them and writes it)")
+        return {"stages": {k: {str(s): r["metrics"] for s, r in v.items()} for k, v in records.items()}}
     results = build_results(run, records, seeds, wall)
     write_outputs(results, out)
     if write_table:
@@ -412,9 +382,10 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
 
 
 def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick: bool = False,
-                 log: Callable[[str], None] | None = None) -> list[str]:
-    """Re-run a recipe (into `out`, default runs/<name>-check) and compare with the committed table
-    next to it; returns the differences beyond the recipe's tolerance (empty: the check passes)."""
+                 log: Callable[[str], None] | None = None) -> CheckReport:
+    """Re-run a recipe (into `out`, default runs/<name>-check) and compare with the committed table next to
+    it; the report lists the differences beyond tolerance (none: the check passes) and which tolerances applied
+    (zoo.recipe.compare: bit-exact on the machine the table records, the seed spread elsewhere)."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     js, md = committed_paths(recipe, quick)
@@ -427,10 +398,11 @@ def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, qui
                        f"{'with' if committed.get('quick') else 'without'} --quick")
     out = Path(out) if out is not None else default_out(recipe, quick, "-check")
     new = run_recipe(recipe, out, quick=quick, log=log)
-    diffs = compare(committed, new, recipe.tolerance)
+    tol = tolerances(committed, environment(), recipe.tolerance)
+    diffs = compare(committed, new, tol)
     if not md.exists():
         diffs.append(f"{md}: missing (the committed markdown table)")
     elif md.read_text() != render_markdown(committed):
         diffs.append(f"{md}: does not match what {js.name} renders (edited by hand, or written by another run); "
                      f"re-write both with --write-table")
-    return diffs
+    return CheckReport(diffs, tol, js)
