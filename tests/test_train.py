@@ -50,7 +50,7 @@ def _cfg(**kw) -> TrainConfig:
 
 @pytest.mark.parametrize("field,value,expect", [
     ("optimizer", "adam", "optimizer='adam' is not allowed; expected one of 'sgd', 'adamw'"),
-    ("schedule", "linear", "schedule='linear' is not allowed; expected one of 'cosine', 'step', 'constant'"),
+    ("schedule", "onecycle", "schedule='onecycle' is not allowed; expected one of 'cosine', 'linear', 'step', 'constant'"),
     ("lr", 0, "lr=0 is not allowed; expected a finite number > 0"),
     ("lr", float("nan"), "lr=nan is not allowed"),
     ("epochs", 0, "epochs=0 is not allowed; expected an int >= 1"),

@@ -40,6 +40,7 @@ _CLI_CONFIG = (  # (flag, TrainConfig field, type)
     ("--weight-decay", "weight_decay", float), ("--momentum", "momentum", float),
     ("--label-smoothing", "label_smoothing", float), ("--grad-clip", "grad_clip", float),
     ("--seed", "seed", int), ("--device", "device", str), ("--crop-padding", "crop_padding", int),
+    ("--precision", "precision", str),
 )
 
 
@@ -48,8 +49,8 @@ def _cmd_train(args: Any) -> int:
     overrides = {key: getattr(args, key) for _, key, _ in _CLI_CONFIG if getattr(args, key) is not None}
     if args.no_progress:
         overrides["progress"] = False
-    if args.channels_last:
-        overrides["channels_last"] = True
+    if args.channels_last is not None:
+        overrides["channels_last"] = {"true": True, "false": False}.get(args.channels_last, args.channels_last)
     if args.hflip:
         overrides["hflip"] = True
     cfg = TrainConfig.from_dict(overrides)
@@ -99,7 +100,8 @@ def add_commands(subparsers: Any) -> None:
     for flag, key, typ in _CLI_CONFIG:
         default = TrainConfig.__dataclass_fields__[key].default
         p.add_argument(flag, dest=key, type=typ, default=None, help=f"TrainConfig.{key} (default {default!r})")
-    p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    p.add_argument("--channels-last", nargs="?", const="true", default=None, choices=["true", "false", "auto"],
+                   help="NHWC memory format; `auto` times it against NCHW on this machine (zoo.train_speed)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips (TrainConfig.hflip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--out", default=None, help="run folder (default runs/train-MODEL-DATA)")

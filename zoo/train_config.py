@@ -14,7 +14,8 @@ from typing import Any, Mapping
 from zoo.errors import ZooError
 
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "linear", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def config_from_dict(cls: type, d: Mapping[str, Any], what: str) -> Any:
@@ -40,12 +41,13 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum (unused by AdamW)
     weight_decay: float = 5e-4  # L2 (SGD) / decoupled (AdamW) decay; never on norm or bias parameters
     nesterov: bool = True  # Nesterov momentum for SGD
-    schedule: str = "cosine"  # "cosine" to 0, "step" (x gamma every step_size epochs) or "constant"; per iteration
+    schedule: str = "cosine"  # "cosine" or "linear" to 0, "step" (x gamma every step_size epochs) or "constant"; per step
     warmup_epochs: float = 0.0  # linear warm-up from lr/warmup_steps to lr over this many epochs (0: none)
     step_size: int = 30  # epochs between decays of the "step" schedule
     gamma: float = 0.1  # decay factor of the "step" schedule
     label_smoothing: float = 0.0  # cross-entropy label smoothing (default loss only)
-    channels_last: bool = False  # NHWC memory format for model and inputs (faster convs on some hardware)
+    channels_last: bool | str = False  # NHWC model and inputs; "auto": timed against NCHW (zoo.train_speed)
+    precision: str = "fp32"  # CPU: "bf16" autocast (fp32 master weights), "auto": bf16 where native and faster
     amp: bool = True  # float16 autocast + gradient scaling, on CUDA only (ignored on CPU)
     seed: int = 0  # seeds torch, numpy and random at the start; shuffling depends on (seed, epoch)
     grad_clip: float | None = None  # clip the global gradient norm to this value (None: no clipping)
@@ -78,12 +80,14 @@ class TrainConfig:
                 rng += "" if hi is None else f" and {'<' if hi_open else '<='} {hi}"
                 raise bad(name, f"a finite number {rng}")
             setattr(self, name, float(v))
-        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("precision", PRECISIONS)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(repr(c) for c in choices))
-        for name in ("nesterov", "channels_last", "amp", "progress", "hflip"):
+        for name in ("nesterov", "amp", "progress", "hflip"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "True or False")
+        if not (isinstance(self.channels_last, bool) or self.channels_last == "auto"):
+            raise bad("channels_last", "True, False or 'auto'")
         if self.grad_clip is not None:
             v = self.grad_clip
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
@@ -123,6 +127,9 @@ class TrainResult:
     best_epoch: int  # 1-based epoch of best_top1
     history: list[dict[str, Any]] = field(default_factory=list)  # one dict per epoch, as in log.jsonl
     paths: dict[str, str] = field(default_factory=dict)  # last, best, resume, state, log (empty without out_dir)
+    precision: str = "fp32"  # what the run trained with ("fp32" or "bf16" autocast; zoo.train_speed)
+    memory_format: str = "contiguous"  # "contiguous" (NCHW) or "channels_last"
+    speed_reason: str = ""  # why: as configured, a fallback, or the probe's images/s
 
     @property
     def top1(self) -> float:
@@ -145,5 +152,8 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     if cfg.schedule == "step":
         return cfg.lr * cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
     total = cfg.epochs * steps_per_epoch
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    frac = (step - warm) / max(1, total - warm)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - frac)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 

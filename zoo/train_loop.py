@@ -24,6 +24,7 @@ from zoo.data.augment import augment_batch
 from zoo.errors import ZooError
 from zoo.train_checkpoint import Checkpointer, restore_checkpoint
 from zoo.train_config import TrainConfig, TrainingDiverged, TrainResult, lr_at
+from zoo.train_speed import SpeedChoice, autocast, resolve
 from zoo.train_state import check_resume, seed_all
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -137,6 +138,7 @@ class _Run:
     spe: int  # steps per epoch
     n_train: int
     use_amp: bool = False
+    speed: SpeedChoice = SpeedChoice("fp32", False, "as configured")
     show_bar: bool = False
     criterion: nn.Module = field(default_factory=nn.CrossEntropyLoss)
     params: list[nn.Parameter] = field(default_factory=list)
@@ -164,8 +166,8 @@ def _setup(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig, out_dir
         train_loader = _distributed_loader(train_loader, cfg.seed, world, rank)
     spe = len(train_loader)
     n_train = len(train_loader.dataset) if hasattr(train_loader, "dataset") else spe * cfg.batch_size
-    use_amp = cfg.amp and device.type == "cuda"
-    model.to(device=device, memory_format=_memory_format(cfg))
+    use_amp = cfg.amp and device.type == "cuda" and cfg.precision == "fp32"
+    model.to(device=device)
     for p in extra:
         p.data = p.data.to(device)
     opt = _make_optimizer(model, extra, cfg)
@@ -176,9 +178,29 @@ def _setup(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig, out_dir
                 n_train=n_train, use_amp=use_amp)
 
 
-def _memory_format(cfg: TrainConfig) -> torch.memory_format:
-    """NHWC when cfg.channels_last, else contiguous."""
-    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+def _memory_format(speed: SpeedChoice) -> torch.memory_format:
+    """NHWC when the run trains channels_last, else contiguous."""
+    return torch.channels_last if speed.channels_last else torch.contiguous_format
+
+
+def _choose_speed(run: _Run, saved: dict[str, Any] | None) -> SpeedChoice:
+    """The run's precision and memory format: the saved choice when resuming, else zoo.train_speed.resolve
+    on a batch shaped like the training data (a probe only for "auto" settings)."""
+    if saved is not None:
+        return SpeedChoice(saved["precision"], saved["channels_last"], saved["reason"])
+    cfg = run.cfg
+    ds = getattr(run.train_loader, "dataset", None)
+    shape = tuple(ds[0][0].shape) if ds is not None and hasattr(ds, "__getitem__") and len(ds) else None
+    if shape is None:
+        return resolve(cfg.precision if cfg.precision != "auto" else "fp32",
+                       cfg.channels_last if cfg.channels_last != "auto" else False, run.model,
+                       torch.zeros(1, 1, device=run.device))
+    example = torch.zeros(cfg.batch_size, *shape, device=run.device)
+    quiet = (lambda s: None) if run.rank else None
+    choice = [resolve(cfg.precision, cfg.channels_last, run.model, example, log=quiet) if run.rank == 0 else None]
+    if run.world > 1:  # every rank trains as rank 0 measured
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def _resume_or_seed(run: _Run, resume: bool) -> None:
@@ -187,11 +209,17 @@ def _resume_or_seed(run: _Run, resume: bool) -> None:
         tensors, state = run.ck.load()
         check_resume(state, run.cfg.to_dict(), run.spe, run.n_train, run.ck.paths["resume"])
         restore_checkpoint(run.model, run.opt, run.extra, run.scaler, tensors, state, run.ck.paths["resume"])
-        run.model.to(device=run.device, memory_format=_memory_format(run.cfg))
+        run.speed = _choose_speed(run, state.get("speed"))
+        run.model.to(device=run.device, memory_format=_memory_format(run.speed))
         run.start, run.step, run.history = state["epoch"], state["step"], state["history"]
         run.best_top1, run.best_epoch = state["best_top1"], state["best_epoch"]
     else:
+        run.speed = _choose_speed(run, None)
+        run.model.to(memory_format=_memory_format(run.speed))
         seed_all(run.cfg.seed)
+    if run.cfg.progress and run.rank == 0 and "probe" in run.speed.reason:
+        print(f"training in {run.speed.precision}, {run.speed.memory_format}: {run.speed.reason}", file=sys.stderr,
+              flush=True)
     run.ck.start(run.history, fresh=not resume)
 
 
@@ -223,10 +251,11 @@ def _forward_loss(run: _Run, x: Tensor, y: Tensor) -> tuple[Tensor, float]:
     """Loss of one batch under autocast (AMP on CUDA) and its value averaged over ranks."""
     cfg = run.cfg
     x = augment_batch(x, cfg.crop_padding, cfg.hflip, cfg.seed, run.step, run.rank)
-    if cfg.channels_last and x.dim() == 4:
+    if run.speed.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.float16, enabled=run.use_amp):
-        logits = run.net(x)
+    ctx = torch.autocast("cuda", dtype=torch.float16) if run.use_amp else autocast(run.speed.precision, run.device)
+    with ctx:
+        logits = run.net(x).float()
         loss = run.criterion(logits, y) if run.loss_fn is None else run.loss_fn(logits, y, x)
     if not isinstance(loss, Tensor) or loss.dim() != 0:
         raise ZooError(f"fit: the loss must be a scalar tensor, got {getattr(loss, 'shape', type(loss))}")
@@ -312,7 +341,8 @@ def _end_epoch(run: _Run, epoch: int, m: dict[str, float], train: tuple[float, i
     if improved:
         run.best_top1, run.best_epoch = m["top1"], epoch + 1
     state = {"epoch": epoch + 1, "step": run.step, "best_top1": run.best_top1, "best_epoch": run.best_epoch,
-             "history": run.history, "steps_per_epoch": run.spe, "num_train": run.n_train}
+             "history": run.history, "steps_per_epoch": run.spe, "num_train": run.n_train,
+             "speed": run.speed.to_dict()}
     run.ck.save(run.model, run.opt, run.extra, run.scaler, state, record, improved, run.cfg, meta)
     if run.cfg.progress and run.rank == 0:
         print(f"epoch {epoch + 1}/{run.cfg.epochs}  train_loss {record['train_loss']:.4f}  "
@@ -346,4 +376,5 @@ def fit(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, cfg:
     final = {"loss": last["val_loss"], "top1": last["top1"], "top5": last["top5"]}
     paths = {k: str(p) for k, p in run.ck.paths.items()}
     return TrainResult(final=final, best_top1=run.best_top1, best_epoch=run.best_epoch, history=run.history,
-                       paths=paths)
+                       paths=paths, precision=run.speed.precision, memory_format=run.speed.memory_format,
+                       speed_reason=run.speed.reason)

@@ -141,6 +141,11 @@ def check_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     problem = _rng_problem(state["rng"])
     if problem is not None:
         raise ZooError(f"cannot resume from {path}: {problem}")
+    sp = state.get("speed")  # absent in files written before zoo.train_speed
+    if sp is not None and not (isinstance(sp, dict) and sp.get("precision") in ("fp32", "bf16")
+                               and isinstance(sp.get("channels_last"), bool) and isinstance(sp.get("reason"), str)):
+        raise ZooError(f"cannot resume from {path}: speed={short_repr(sp)} is not allowed; expected an object with "
+                       "precision 'fp32' or 'bf16', channels_last true/false and a reason string")
     return state
 
 

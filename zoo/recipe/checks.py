@@ -21,6 +21,8 @@ from zoo.errors import ZooError
 from zoo.train import TrainConfig
 from zoo.untrusted import short_repr
 
+# config keys whose default is a bool or number but that also take these words
+WORD_VALUES = {"channels_last": ("auto",)}
 # keys the engine sets itself; a recipe may not put them in a train section
 ENGINE_TRAIN_KEYS = {"seed": "set by the recipe's `seeds` (or the stage's `seed`)"}
 
@@ -161,6 +163,8 @@ def check_like_defaults(chk: Checker, path: str, d: dict, defaults: dict[str, An
         if k not in defaults:
             raise chk.fail(f"{path}.{k}", f"unknown {what} key; allowed: " + ", ".join(defaults))
         default = defaults[k]
+        if v in WORD_VALUES.get(k, ()):
+            continue  # e.g. channels_last: auto (the dataclass checks the combination)
         if isinstance(default, bool):
             chk.typed(v, f"{path}.{k}", "bool")
         elif isinstance(default, int) and not isinstance(v, float):

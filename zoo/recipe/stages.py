@@ -123,6 +123,7 @@ def _final_metrics(result: TrainResult) -> dict[str, Any]:
     out["best_top1"] = float(result.best_top1)
     out["best_epoch"] = int(result.best_epoch)
     out["epochs_run"] = len(result.history)
+    out["precision"], out["memory_format"] = result.precision, result.memory_format
     return out
 
 
