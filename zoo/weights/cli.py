@@ -128,8 +128,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints; import foreign ones",
                        description="Manage weights/index.json (folder: --weights-dir, else $ZOO_WEIGHTS_DIR, "
                                    "else the weights installed with zoo, the package zoo._weights). A file the "
-                                   "folder lacks is downloaded from its url into $ZOO_HOME/weights "
-                                   "(default ~/.cache/zoo/weights) when first loaded, and checked against its sha256.")
+                                   "folder lacks is downloaded from $ZOO_WEIGHTS_URL (a base URL serving the files "
+                                   "by name; else the entry's url) into $ZOO_HOME/weights (default "
+                                   "~/.cache/zoo/weights) when first loaded, and checked against its sha256.")
     ws = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True, parser_class=type(p))
     a = ws.add_parser("add", help="copy a checkpoint into the weights folder and index it")
     a.add_argument("path", help="a .safetensors file written by zoo.weights.save_checkpoint")
@@ -140,7 +141,8 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--recipe", required=True, help="the recipe that produced the checkpoint")
     a.add_argument("--compression", default=None, help="JSON description of the compression applied")
     a.add_argument("--replace", action="store_true", help="update an existing entry")
-    a.add_argument("--url", default=None, help="where the file is published (default: zoo's weights release URL)")
+    a.add_argument("--url", default=None, help="where the file is published, if anywhere (default: none, the file ships with the weights "
+                        "folder; $ZOO_WEIGHTS_URL gives a base URL for every file)")
     a.set_defaults(func=_cmd_add)
     lst = ws.add_parser("list", help="list indexed weights")
     lst.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ARCH.TAG or TAG")
