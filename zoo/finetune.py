@@ -36,7 +36,7 @@ from zoo.cli import MODEL_FLAGS, model_kwargs_from_args
 from zoo.data import get_loaders, scan_imagefolder
 from zoo.data.imagefolder import verify_imagefolder
 from zoo.errors import ZooError
-from zoo.io import make_out_dir
+from zoo.io import check_out_file, make_out_dir
 from zoo.profile import count_params
 from zoo.recipe import STAGE_TYPES, RecipeError, StageContext, StageSpec
 from zoo.recipe.checks import Checker, train_config
@@ -305,8 +305,8 @@ def finetune(model_name: str | None, data: str | os.PathLike, weights: str | os.
 
     `weights` (a tag, a zoo .safetensors checkpoint, another project's state dict or a TFLite MobileNet)
     initialises the backbone as a recipe's `init` does; a file's header gives the model and its kwargs, so
-    `model_name` is needed only with a tag, a foreign state dict or no weights (given, it must agree); `freeze_backbone` trains only the
-    classifier; `then` adds compression steps ('prune=0.5,quantize=static'); `input_size` is the image side
+    `model_name` is needed only with a tag, a foreign state dict or no weights (given, it must agree);
+    `freeze_backbone` trains only the classifier; `then` adds compression steps ('prune=0.5,quantize=static'); `input_size` is the image side
     (the model's `resolution` where it has one); other keyword arguments go to zoo.create. The `then` steps
     compile into recipe stages (`then_specs`) and run through the recipe's prune / quantize runners.
     """
@@ -336,6 +336,8 @@ def finetune(model_name: str | None, data: str | os.PathLike, weights: str | os.
     # 2. the folder: layout, classes, and every image decoded (a corrupt file fails here)
     src = scan_imagefolder(data, val_fraction)
     verify_imagefolder(data, val_fraction)
+    if Path(out).is_dir():  # a folder where the weights file goes (other unusable --out paths: make_out_dir)
+        check_out_file(Path(out) / "model.safetensors", "--out file")
     out = make_out_dir(out, "out")  # an unusable output folder fails before any training
     # 3. the model with a fresh head for these classes
     torch.manual_seed(seed)

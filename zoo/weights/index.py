@@ -3,8 +3,9 @@
 Each entry gives the tag, architecture and kwargs, dataset, metrics, compression, sha256, file, the
 URL the file is published at (null: it ships with the weights folder) and the recipe that produced it.
 The folder is the one installed with zoo (the repository's `weights/`, shipped as the package data
-`zoo._weights`) unless `ZOO_WEIGHTS_DIR` (or a `weights_dir` argument) points elsewhere. A file missing from the folder is downloaded from
-$ZOO_WEIGHTS_URL (or the entry's URL) into the cache (zoo.weights.hub) and checked against its sha256.
+`zoo._weights`) unless `ZOO_WEIGHTS_DIR` (or a `weights_dir` argument) points elsewhere. A file missing
+from the folder is downloaded from $ZOO_WEIGHTS_URL (or the entry's URL) into the cache (zoo.weights.hub)
+and checked against its sha256.
 """
 
 from __future__ import annotations
