@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,10 +14,12 @@ from PIL import Image
 from safetensors import safe_open
 
 import zoo
+import zoo.finetune
 from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.finetune import ThenStep, finetune, parse_then
 from zoo.predict import load_classifier, predict
+from zoo.train import fit
 
 CLASSES = ["digit0", "digit1", "digit2"]
 PER_CLASS = 12
@@ -133,7 +136,8 @@ def test_predict_preprocesses_like_validation(trained: Path, folder: Path) -> No
     assert torch.allclose(probs.sum(1), torch.ones(len(probs)), atol=1e-5)
 
 
-def test_freeze_backbone_keeps_backbone(trained: Path, folder: Path, tmp_path: Path) -> None:
+def test_freeze_backbone_keeps_backbone(trained: Path, folder: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     split = tmp_path / "split"  # the train/ + val/ layout
     for sub, names in (("train", [f"img{j:02d}" for j in range(9)]), ("val", [f"img{j:02d}" for j in range(9, 12)])):
         for c in CLASSES:
@@ -141,12 +145,17 @@ def test_freeze_backbone_keeps_backbone(trained: Path, folder: Path, tmp_path: P
             for f in (folder / c).iterdir():
                 if f.stem in names:
                     shutil.copy(f, split / sub / c / f.name)
-    start = zoo.create("mobilenet_v1", weights=str(trained / "model.safetensors"))
-    before = {k: v.clone() for k, v in start.state_dict().items()}
+    starts: list[dict] = []  # the state training starts from: transferred (first conv adapted, BatchNorm re-based)
+
+    def spy(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(zoo.finetune, "fit", spy)
     res = finetune("mobilenet_v1", split, weights=str(trained / "model.safetensors"), freeze_backbone=True,
                    epochs=1, out=tmp_path / "out", batch_size=8, lr=0.1, progress=False)
     assert res.metrics["data"]["num_train"] == 27 and res.metrics["data"]["num_val"] == 9
-    after = res.model.state_dict()
+    before, after = starts[0], res.model.state_dict()
     assert set(after) == set(before)
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert changed == ["classifier.bias", "classifier.weight"]  # BN running stats untouched too

@@ -1,10 +1,13 @@
-"""Index entries name a URL and a sha256; a file missing from the weights folder is downloaded once into
-the cache ($ZOO_HOME/weights) through the real urllib code, here from a local file:// URL, and kept only
-when its sha256 matches. Nothing is downloaded when the file is present locally."""
+"""zoo's own index entries name no URL (the files ship with the package); a file missing from the weights
+folder is downloaded once into the cache ($ZOO_HOME/weights) from $ZOO_WEIGHTS_URL + file (or an entry's
+own url) through the real urllib code, here from local file:// URLs, and kept only when its sha256
+matches. Nothing is downloaded when the file is present locally; without a URL the error names the file
+and the ways to get it."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -15,7 +18,6 @@ import torch
 
 import zoo
 from zoo.errors import ZooError
-from zoo.weights.hub import RELEASE_URL, release_url
 from zoo.weights.index import read_index, register_checkpoint, verify_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +60,11 @@ def _out(m: torch.nn.Module) -> torch.Tensor:
         return m.eval()(X)
 
 
-def test_committed_index_gives_every_entry_its_release_url_and_sha256() -> None:
+def test_committed_index_names_no_url_and_every_sha256() -> None:
     entries = read_index(WEIGHTS)
     assert entries
     for e in entries:
-        assert e.url == release_url(e.file) == RELEASE_URL + e.file
+        assert e.url is None and (WEIGHTS / e.file).is_file()  # shipped with the package, not published anywhere
         assert len(e.sha256) == 64
 
 
@@ -107,9 +109,27 @@ def test_unreachable_url_and_absent_url_fail_clearly(published: dict[str, Any]) 
         zoo.create("mobilenet_v1", weights="digits", **KWARGS)
     raw = {**published["raw"], "url": None}
     (published["wdir"] / "index.json").write_text(json.dumps({"format": 1, "weights": [raw]}))
-    with pytest.raises(ZooError, match=r"does not exist and the index gives no url to download it from"):
+    ways = (rf"zoo's weights ship with the package \(reinstall zoo: `pip install .`\), or set \$ZOO_WEIGHTS_DIR to a "
+            rf"folder holding '{FILE}' and its index.json, or set \$ZOO_WEIGHTS_URL to a base URL serving '{FILE}'")
+    with pytest.raises(ZooError, match=rf"file '{FILE}' is missing from '{published['wdir']}'; " + ways):
         zoo.create("mobilenet_v1", weights="digits", **KWARGS)
-    assert "is missing from" in verify_index()[0]
+    assert re.search(rf"file '{FILE}' is missing from .* and not downloaded to .*; " + ways, verify_index()[0])
+    assert published["calls"] == [published["raw"]["url"]]  # the url-less entry tried nothing
+    assert not published["cache"].exists() or list(published["cache"].iterdir()) == []
+
+
+def test_base_url_set_by_the_user_serves_the_files(published: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = {**published["raw"], "url": None}
+    (published["wdir"] / "index.json").write_text(json.dumps({"format": 1, "weights": [raw]}))
+    monkeypatch.setenv("ZOO_WEIGHTS_URL", published["pub"].as_uri())  # no trailing slash: zoo adds it
+    m = zoo.create("mobilenet_v1", weights="digits", **KWARGS)
+    assert published["calls"] == [published["pub"].as_uri() + "/" + FILE]
+    assert torch.equal(_out(m), _out(zoo.create("mobilenet_v1", weights=str(WEIGHTS / FILE))))
+    monkeypatch.setenv("ZOO_WEIGHTS_URL", "ftp://mirror.example/")
+    with pytest.raises(ZooError, match=r"\$ZOO_WEIGHTS_URL: url='ftp://mirror.example/' is not allowed; expected a URL "
+                                       r"with scheme https, http, file"):
+        zoo.create("mobilenet_v1", weights="digits", **KWARGS).eval()  # cached: the base is still checked
+    assert len(published["calls"]) == 1
 
 
 def test_index_refuses_urls_zoo_does_not_download(published: dict[str, Any]) -> None:
@@ -120,11 +140,11 @@ def test_index_refuses_urls_zoo_does_not_download(published: dict[str, Any]) -> 
         read_index()
 
 
-def test_registered_weights_get_a_url(tmp_path: Path) -> None:
+def test_registered_weights_get_a_url_only_when_given(tmp_path: Path) -> None:
     src = tmp_path / FILE
     shutil.copy(WEIGHTS / FILE, src)
     args = (src, "t", "digits", {"top1": 90.0}, "recipes/r.yaml")
-    assert register_checkpoint(*args, weights_dir=tmp_path / "a").url == RELEASE_URL + FILE
+    assert register_checkpoint(*args, weights_dir=tmp_path / "a").url is None
     assert register_checkpoint(*args, weights_dir=tmp_path / "b", url=src.as_uri()).url == src.as_uri()
     with pytest.raises(ZooError, match=r"url='ftp://x' is not allowed; expected a URL with scheme https, http, file"):
         register_checkpoint(*args, weights_dir=tmp_path / "c", url="ftp://x")

@@ -148,7 +148,8 @@ def test_bad_options(tmp_path):
         import_state_dict(src, "resnet20", out, classes="cifar11")
     with pytest.raises(zoo.ZooError, match="give both"):
         import_state_dict(src, "resnet20", out, mean=MEAN)
-    with pytest.raises(zoo.ZooError, match="mean has 2 values for a model with in_chans=3"):
+    with pytest.raises(zoo.ZooError, match=r"mean has 2 values, but resnet20\(.*\) has in_chans=3; give one value "
+                                           r"per input channel"):
         import_state_dict(src, "resnet20", out, mean=(0.5, 0.5), std=(0.2, 0.2))
     with pytest.raises(zoo.ZooError, match="shortcut='C' is not supported; allowed: 'A', 'B'"):
         import_state_dict(src, "resnet20", out, shortcut="C")

@@ -21,6 +21,7 @@ For longer pipelines (distillation, several seeds, a report), a recipe can point
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -35,17 +36,18 @@ from zoo.cli import MODEL_FLAGS, model_kwargs_from_args
 from zoo.data import get_loaders, scan_imagefolder
 from zoo.data.imagefolder import verify_imagefolder
 from zoo.errors import ZooError
-from zoo.io import make_out_dir
+from zoo.io import check_out_file, make_out_dir
 from zoo.profile import count_params
 from zoo.recipe import STAGE_TYPES, RecipeError, StageContext, StageSpec
 from zoo.recipe.checks import Checker, train_config
 from zoo.recipe.registry import Loaders
 from zoo.recipe.schema import chain_stages
-from zoo.recipe.stages import frozen_backbone
+from zoo.recipe.stages import REBASE_BATCHES, frozen_backbone, transfer_weights
 from zoo.spec import input_size as resolve_input_size
 from zoo.train import TrainConfig, evaluate, fit
 from zoo.untrusted import short_repr
 from zoo.weights.checkpoint import save_checkpoint, serialized_size
+from zoo.weights.loading import is_weights_path, pretrained_spec, weights_source
 
 DEFAULT_EPOCHS = 5
 DEFAULT_BATCH_SIZE = 32
@@ -265,9 +267,6 @@ def _check_int(name: str, v: Any, lo: int) -> int:
 
 
 def _model_kwargs(model_name: str, input_size: int | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-    for k, why in RESERVED_KWARGS.items():
-        if k in kwargs:
-            raise ZooError(f"{model_name}: {k}={short_repr(kwargs[k])} cannot be given to finetune; {why}")
     card = model_card(model_name)  # unknown name -> ZooError with suggestions
     if input_size is None:
         return dict(kwargs)
@@ -283,33 +282,49 @@ def _model_kwargs(model_name: str, input_size: int | None, kwargs: dict[str, Any
     return dict(kwargs)
 
 
-def _build_model(model_name: str, weights: Any, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    if weights is None:
-        return create(model_name, num_classes=num_classes, **kwargs)
-    model = create(model_name, weights=weights, reinit_head=True, **kwargs)
-    model.reset_classifier(num_classes)  # a fresh head for the new classes
-    return model
+def _transfer(model: nn.Module, name: str, weights: str | os.PathLike, kwargs: dict[str, Any], loader: Any,
+              data_norm: tuple) -> None:
+    """Start `model` (fresh, new head) from `weights` as a recipe's `init` does (zoo.recipe.stages.transfer_weights):
+    backbone copied, first conv adapted from the weights' input normalisation to the data's, BatchNorm re-based."""
+    if is_weights_path(weights):
+        src, trained = weights_source(weights, lambda: create(name, num_classes=model.spec.kwargs["num_classes"],
+                                                              **kwargs))
+    else:
+        src = create(name, weights=weights, reinit_head=True, **kwargs)
+        trained = (src.spec.mean, src.spec.std) if src.spec.mean is not None and src.spec.std is not None else None
+    batches = [x for x, _ in itertools.islice(loader, REBASE_BATCHES)]
+    transfer_weights(model, src, trained, data_norm, batches, f"--weights {os.fspath(weights)!r}")
 
 
-def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLike | None = None,
+def finetune(model_name: str | None, data: str | os.PathLike, weights: str | os.PathLike | None = None,
              freeze_backbone: bool = False, epochs: int = DEFAULT_EPOCHS, out: str | os.PathLike = "runs/finetune",
              then: str | Sequence[Any] | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
              lr: float | None = None, seed: int = 0, input_size: int | None = None, val_fraction: float = 0.2,
              progress: bool = True, device: str = "auto", **model_kwargs: Any) -> FinetuneResult:
     """Fine-tune `model_name` on an image folder with a new head; write out/model.safetensors and metrics.json.
 
-    `weights` (a tag or a .safetensors path) initialises the backbone; `freeze_backbone` trains only the
-    classifier; `then` adds compression steps ('prune=0.5,quantize=static'); `input_size` is the image side
+    `weights` (a tag, a zoo .safetensors checkpoint, another project's state dict or a TFLite MobileNet)
+    initialises the backbone as a recipe's `init` does; a file's header gives the model and its kwargs, so
+    `model_name` is needed only with a tag, a foreign state dict or no weights (given, it must agree);
+    `freeze_backbone` trains only the classifier; `then` adds compression steps ('prune=0.5,quantize=static'); `input_size` is the image side
     (the model's `resolution` where it has one); other keyword arguments go to zoo.create. The `then` steps
     compile into recipe stages (`then_specs`) and run through the recipe's prune / quantize runners.
     """
     # 1. everything the user gave, checked before any work
-    if not isinstance(model_name, str):
-        raise ZooError(f"model_name={short_repr(model_name)} is not allowed; expected a registered model name")
+    if not (isinstance(model_name, str) or (model_name is None and weights is not None)):
+        raise ZooError(f"model_name={short_repr(model_name)} (--model) is not allowed; expected a registered model "
+                       "name (it may be left out when --weights names a file)")
     if not isinstance(freeze_backbone, bool):
         raise ZooError(f"freeze_backbone={short_repr(freeze_backbone)} is not allowed; expected True or False")
+    if weights is not None and not (isinstance(weights, os.PathLike) or (isinstance(weights, str) and weights)):
+        raise ZooError(f"weights={short_repr(weights)} is not allowed; expected a tag or a weights file")
     steps = parse_then(then)
-    kwargs = _model_kwargs(model_name, input_size, model_kwargs)
+    for k, why in RESERVED_KWARGS.items():
+        if k in model_kwargs:
+            raise ZooError(f"{k}={short_repr(model_kwargs[k])} cannot be given to finetune; {why}")
+    model_name, kwargs = ((model_name, model_kwargs) if weights is None else
+                          pretrained_spec(weights, model_name, model_kwargs, "--model (model_name)"))
+    kwargs = _model_kwargs(model_name, input_size, kwargs)
     if lr is None:
         lr = PRETRAINED_LR if weights is not None else DEFAULT_LR
     cfg = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -321,13 +336,17 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
     # 2. the folder: layout, classes, and every image decoded (a corrupt file fails here)
     src = scan_imagefolder(data, val_fraction)
     verify_imagefolder(data, val_fraction)
+    if Path(out).is_dir():  # a folder where the weights file goes (other unusable --out paths: make_out_dir)
+        check_out_file(Path(out) / "model.safetensors", "--out file")
     out = make_out_dir(out, "out")  # an unusable output folder fails before any training
     # 3. the model with a fresh head for these classes
     torch.manual_seed(seed)
-    model = _build_model(model_name, weights, len(src.class_names), kwargs)
+    model = create(model_name, num_classes=len(src.class_names), **kwargs)
     size = resolve_input_size(model, input_size, what="input_size")
     train_loader, val_loader, info = get_loaders("imagefolder", size, batch_size=batch_size, root=data, seed=seed,
                                                  val_fraction=val_fraction)
+    if weights is not None:
+        _transfer(model, model_name, weights, kwargs, train_loader, (info.mean, info.std))
     # 4. fine-tune
     with frozen_backbone(model, freeze_backbone):
         res = fit(model, train_loader, val_loader, cfg)
@@ -360,13 +379,17 @@ def finetune(model_name: str, data: str | os.PathLike, weights: str | os.PathLik
 # ---------------------------------------------------------------------------------------------- CLI
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    if args.name is None and args.weights is None:
+        raise ZooError("--model is required unless --weights names a weights file (whose header gives the model)")
+    if args.name is None:  # the file's model, so that --kw values are typed for it
+        args.name = pretrained_spec(args.weights, None, {}, "--model")[0]
     kwargs = model_kwargs_from_args(args)
     res = finetune(args.name, args.data, weights=args.weights, freeze_backbone=args.freeze_backbone,
                    epochs=args.epochs, out=args.out, then=args.then, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, input_size=args.input_size, val_fraction=args.val_fraction,
                    progress=not args.quiet, device=args.device, **kwargs)
     d = res.metrics["data"]
-    print(f"{args.name} fine-tuned on {d['root']} ({d['num_classes']} classes, {d['num_train']} train / "
+    print(f"{res.metrics['model']} fine-tuned on {d['root']} ({d['num_classes']} classes, {d['num_train']} train / "
           f"{d['num_val']} val images): val top1 {res.top1:.2f}%")
     for rec in res.steps:
         print(f"  after {rec['step']}: val top1 {rec['val_top1']:.2f}%  params {rec['params']:,}  "
@@ -384,7 +407,9 @@ def add_commands(sub: Any) -> None:
                     "root/<class> split deterministically) with a new classifier head. Writes OUT/model.safetensors "
                     "and OUT/metrics.json. For multi-stage pipelines, a recipe's dataset section accepts "
                     "`name: imagefolder` with a `root`.")
-    p.add_argument("--model", dest="name", required=True, help="registered model name (see `zoo list`)")
+    p.add_argument("--model", dest="name", default=None,
+                   help="registered model name (see `zoo list`); optional with a --weights file, whose header gives "
+                        "the model and its kwargs (given, it must agree)")
     for flag, key in MODEL_FLAGS:
         if key not in RESERVED_KWARGS:
             p.add_argument(flag, dest=key, metavar=key.upper(), default=None, help=f"model argument {key}")
@@ -392,7 +417,9 @@ def add_commands(sub: Any) -> None:
                    help="any other model argument (repeatable), e.g. --kw drop_rate=0.2")
     p.add_argument("--data", required=True, help="image folder (class folders, optionally under train/ and val/)")
     p.add_argument("--weights", default=None,
-                   help="initial weights: a tag (see `zoo weights list`) or a .safetensors file")
+                   help="initial weights: a tag (see `zoo weights list`), a .safetensors file or a TFLite MobileNet; "
+                        "the backbone is transferred as a recipe's `init` (first conv adapted to the folder's "
+                        "normalisation, BatchNorm re-based, new head)")
     p.add_argument("--freeze-backbone", action="store_true", help="train only the new classifier head")
     p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help=f"fine-tuning epochs (default {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"default {DEFAULT_BATCH_SIZE}")

@@ -1,4 +1,4 @@
-"""File utilities with no model knowledge: atomic safetensors writes, checked tensor reads, output folders.
+"""File utilities with no model knowledge: atomic safetensors writes, checked tensor reads, output paths.
 
 Zoo checkpoints (tensors plus the model spec in the header) are read and written by
 zoo.weights.checkpoint, which uses these helpers; this module imports no other zoo module but
@@ -18,16 +18,39 @@ from zoo.errors import ZooError
 from zoo.untrusted import load_tensors as _checked_tensors
 
 
+def check_out_file(path: str | os.PathLike, what: str, suffix: str = ".safetensors") -> Path:
+    """`path` as a file to write: named *suffix, not an existing folder, under no existing file; ZooError naming
+    `what` (e.g. --out) otherwise. Nothing is created."""
+    p = Path(path)
+    if p.suffix != suffix:
+        raise ZooError(f"{what} {str(p)!r} is not allowed; expected a file path ending with {suffix}")
+    if p.is_dir():
+        raise ZooError(f"{what} {str(p)!r} is not allowed: it is an existing folder; expected a {suffix} file path "
+                       f"(e.g. {str(p / ('model' + suffix))!r})")
+    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ZooError(f"{what} {str(p)!r} is not allowed: {str(parent)!r} is a file, not a folder")
+    return p
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file atomically: temp file in the same folder, then rename."""
+    """Write a safetensors file atomically: temp file in the same folder, then rename; ZooError naming the
+    path when it is a folder or cannot be written."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ZooError(f"cannot write {path!r}: it is an existing folder; expected a file path")
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    except OSError as e:
+        raise ZooError(f"cannot write {path!r}: {e.strerror or e}; expected a path in a writable folder") from None
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
+    except OSError as e:
+        raise ZooError(f"cannot write {path!r}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -31,9 +31,8 @@ from zoo.recipe.checks import (Checker, build_checked, check_like_defaults, chec
                                train_config)
 from zoo.recipe.registry import StageContext, StageType
 from zoo.train import TrainResult, fit
-from zoo.weights.checkpoint import classifier_prefix, describe_spec, load_checkpoint, mismatch_report, read_checkpoint
-from zoo.weights.foreign import load_foreign
-from zoo.weights.tflite import tflite_to_model
+from zoo.weights.checkpoint import classifier_prefix, describe_spec, mismatch_report
+from zoo.weights.loading import weights_source
 
 REBASE_BATCHES = 8  # training batches whose statistics re-base BatchNorm after `init` (rebase_batchnorm)
 
@@ -132,14 +131,7 @@ def _init_source(ctx: StageContext) -> tuple[nn.Module, tuple | None]:
     f = ctx.spec.files.get("init")
     if f is None:
         return ctx.stage_model(ctx.raw["init"]), None  # a stage of this recipe: same data, same normalisation
-    if f.suffix == ".tflite":
-        src = tflite_to_model(f)
-        return src, (src.tflite_import.mean, src.tflite_import.std)
-    ckpt = read_checkpoint(f)
-    if ckpt.spec is None:  # another project's state dict: paired by structure with the stage's own model
-        return load_foreign(ckpt, ctx.initial_model()), None
-    meta = ckpt.metadata
-    return load_checkpoint(ckpt), ((meta["mean"], meta["std"]) if "mean" in meta and "std" in meta else None)
+    return weights_source(f, ctx.initial_model)
 
 
 @torch.no_grad()
@@ -198,11 +190,11 @@ def rebase_batchnorm(model: nn.Module, batches: list[torch.Tensor]) -> int:
     return len(norms)
 
 
-def load_init(ctx: StageContext, model: nn.Module, data_norm: tuple, batches: list[torch.Tensor]) -> None:
-    """Copy the `init` weights into the stage's fresh model: all but the classifier (it too if it fits);
-    adapt the first conv to the data's normalisation and re-base BatchNorm on `batches`."""
-    src, trained_norm = _init_source(ctx)
-    where = f"stage {ctx.name!r}: init {ctx.raw['init']!r}"
+def transfer_weights(model: nn.Module, src: nn.Module, trained_norm: tuple | None, data_norm: tuple,
+                     batches: list[torch.Tensor], where: str) -> None:
+    """Copy `src`'s weights into the fresh `model`: all but the classifier (it too if it fits); adapt the first
+    conv from `trained_norm` to the data's normalisation and re-base BatchNorm on `batches` (transfer learning,
+    the steps of a recipe's `init` and of `zoo finetune --weights`)."""
     head = classifier_prefix(model)
     ours, theirs = model.state_dict(), src.state_dict()
     body = {k: tuple(v.shape) for k, v in ours.items() if not k.startswith(head)}
@@ -215,6 +207,12 @@ def load_init(ctx: StageContext, model: nn.Module, data_norm: tuple, batches: li
     if trained_norm is not None and len(trained_norm[0]) == len(data_norm[0]):
         adapt_first_conv(model, trained_norm, data_norm)
     rebase_batchnorm(model, batches)
+
+
+def load_init(ctx: StageContext, model: nn.Module, data_norm: tuple, batches: list[torch.Tensor]) -> None:
+    """Copy the `init` weights into the stage's fresh model (transfer_weights)."""
+    src, trained_norm = _init_source(ctx)
+    transfer_weights(model, src, trained_norm, data_norm, batches, f"stage {ctx.name!r}: init {ctx.raw['init']!r}")
 
 
 def run_train(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:

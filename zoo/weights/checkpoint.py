@@ -31,7 +31,7 @@ from zoo._registry import COMMON_ARGS, MAX_NUM_CLASSES, create, meta_model, mode
 from zoo.compress._common import is_quantized_model, steps
 from zoo.compress.serialize import build_from_spec, encode_state, is_compressed, params_budget
 from zoo.errors import ZooError
-from zoo.io import atomic_save
+from zoo.io import atomic_save, check_out_file
 from zoo.spec import attach_spec, model_name, require_spec, spec_of
 from zoo.untrusted import (
     NONFINITE_HINT, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
@@ -263,9 +263,7 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, classes: Sequence
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint atomically: tensors, spec, class names, input normalisation and JSON extras."""
-    p = Path(path)
-    if p.suffix != ".safetensors":
-        raise ZooError(f"save_checkpoint: path {str(p)!r} must end with .safetensors")
+    p = check_out_file(path, "save_checkpoint: path")
     header = _header(model, classes, mean, std, extra)
     atomic_save(state_tensors(model), p, header)
     return p

@@ -8,6 +8,7 @@ from typing import Any
 
 from zoo.cli import model_kwargs_from_args
 from zoo.errors import ZooError
+from zoo.io import check_out_file
 from zoo.weights.checkpoint import read_checkpoint
 from zoo.weights.evaluate import evaluate_index
 from zoo.weights.foreign import CLASS_SETS, import_state_dict
@@ -82,8 +83,17 @@ def _floats(flag: str, raw: str | None) -> list[float] | None:
                        f"{flag} 0.485,0.456,0.406") from None
 
 
+TFLITE_OWN = (("--classes", "classes"), ("--mean", "mean"), ("--std", "std"), ("--kw", "kw"))
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
+    check_out_file(args.out, "--out")
     if is_tflite(args.path):  # architecture, classes and normalisation come from the file itself
+        given = [flag for flag, key in TFLITE_OWN if getattr(args, key)]
+        if given:
+            raise ZooError(f"{', '.join(given)} cannot be used with the TFLite file {args.path}: it gives its own "
+                           "architecture, classes and input normalisation; leave them out (only --model, checked "
+                           "against the file, and --activations apply)")
         print(import_tflite_command(args.path, args.out, model=args.name, activations=args.activations))
         return 0
     if args.activations != "float":
@@ -93,8 +103,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
         raise ZooError(f"--model is required for {args.path}: a safetensors state dict does not say which zoo model "
                        "it fits (only TFLite MobileNets are detected from the file)")
     kwargs = model_kwargs_from_args(args)
-    out = import_state_dict(args.path, args.name, args.out, classes=args.classes,
-                            mean=_floats("--mean", args.mean), std=_floats("--std", args.std), **kwargs)
+    out = import_state_dict(args.path, args.name, args.out, classes=args.classes, mean=_floats("--mean", args.mean),
+                            std=_floats("--std", args.std), flags=True, **kwargs)
     print(f"imported {args.path} as {read_checkpoint(out).describe()} -> {out}; load it with "
           f"zoo.create({args.name!r}, weights={str(out)!r})")
     return 0
@@ -128,8 +138,9 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("weights", help="list, add and verify the indexed checkpoints; import foreign ones",
                        description="Manage weights/index.json (folder: --weights-dir, else $ZOO_WEIGHTS_DIR, "
                                    "else the weights installed with zoo, the package zoo._weights). A file the "
-                                   "folder lacks is downloaded from its url into $ZOO_HOME/weights "
-                                   "(default ~/.cache/zoo/weights) when first loaded, and checked against its sha256.")
+                                   "folder lacks is downloaded from $ZOO_WEIGHTS_URL (a base URL serving the files "
+                                   "by name; else the entry's url) into $ZOO_HOME/weights (default "
+                                   "~/.cache/zoo/weights) when first loaded, and checked against its sha256.")
     ws = p.add_subparsers(dest="weights_command", metavar="ACTION", required=True, parser_class=type(p))
     a = ws.add_parser("add", help="copy a checkpoint into the weights folder and index it")
     a.add_argument("path", help="a .safetensors file written by zoo.weights.save_checkpoint")
@@ -140,7 +151,9 @@ def add_commands(sub: Any) -> None:
     a.add_argument("--recipe", required=True, help="the recipe that produced the checkpoint")
     a.add_argument("--compression", default=None, help="JSON description of the compression applied")
     a.add_argument("--replace", action="store_true", help="update an existing entry")
-    a.add_argument("--url", default=None, help="where the file is published (default: zoo's weights release URL)")
+    a.add_argument("--url", default=None,
+                   help="where the file is published, if anywhere (default: none, the file ships with the weights "
+                        "folder; $ZOO_WEIGHTS_URL gives a base URL for every file)")
     a.set_defaults(func=_cmd_add)
     lst = ws.add_parser("list", help="list indexed weights")
     lst.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on ARCH.TAG or TAG")

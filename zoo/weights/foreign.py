@@ -31,6 +31,8 @@ import torch.nn as nn
 
 from zoo._registry import create
 from zoo.errors import ZooError
+from zoo.io import check_out_file
+from zoo.untrusted import short_repr
 from zoo.weights.checkpoint import (Checkpoint, describe_spec, load_checkpoint_tensors, read_checkpoint, save_checkpoint,
                                     sha256_file)
 
@@ -120,17 +122,31 @@ def resolve_classes(classes: str | os.PathLike | Sequence[str] | None) -> list[s
                    + "), a text file with one class name per line, or a list of strings")
 
 
-def _norm(name: str, value: Sequence[float] | None) -> list[float] | None:
+def _norm(name: str, value: Sequence[float] | None, flag: str) -> list[float] | None:
     if value is None:
         return None
     try:
         vals = [float(v) for v in value]
     except (TypeError, ValueError):
         vals = []
-    if not vals or not all(math.isfinite(v) for v in vals):
-        raise ZooError(f"{name}={value!r} is not allowed; expected one finite number per input channel, "
-                       f"e.g. {name}=(0.485, 0.456, 0.406)")
+    if not vals or not all(math.isfinite(v) for v in vals) or (name == "std" and not all(v > 0 for v in vals)):
+        more = " > 0" if name == "std" else ""
+        raise ZooError(f"{flag}={short_repr(value)} is not allowed; expected one finite number{more} per input "
+                       f"channel, e.g. {name}=(0.485, 0.456, 0.406)")
     return vals
+
+
+def _check_counts(model: nn.Module, names: list[str] | None, norm: dict[str, list[float] | None],
+                  flags: dict[str, str]) -> None:
+    """One class name per output and one mean / std value per input channel of `model`, before anything is written."""
+    kw = model.spec.kwargs
+    if names is not None and len(names) != kw["num_classes"]:
+        raise ZooError(f"{flags['classes']} names {len(names)} classes, but {describe_spec(model.spec.name, kw)} has "
+                       f"num_classes={kw['num_classes']} outputs; give one name per output")
+    for key, vals in norm.items():
+        if vals is not None and len(vals) != kw["in_chans"]:
+            raise ZooError(f"{flags[key]} has {len(vals)} values, but {describe_spec(model.spec.name, kw)} has "
+                           f"in_chans={kw['in_chans']}; give one value per input channel")
 
 
 def load_foreign(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
@@ -148,17 +164,22 @@ def load_foreign(ckpt: Checkpoint, model: nn.Module) -> nn.Module:
 def import_state_dict(path: str | os.PathLike, model_name: str, out: str | os.PathLike, *,
                       classes: str | os.PathLike | Sequence[str] | None = None,
                       mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      **kwargs: Any) -> Path:
+                      flags: bool = False, **kwargs: Any) -> Path:
     """Write a zoo checkpoint `out` holding the foreign safetensors state dict `path`, mapped by structure
-    onto `zoo.create(model_name, **kwargs)`, with class names and input normalisation in the header."""
-    mean, std = _norm("mean", mean), _norm("std", std)
+    onto `zoo.create(model_name, **kwargs)`, with class names and input normalisation in the header.
+    `flags=True` names the inputs as `zoo weights import` options (--mean, ...) in error messages."""
+    flag = {k: (f"--{k}" if flags else k) for k in ("classes", "mean", "std", "out")}
+    mean, std = _norm("mean", mean, flag["mean"]), _norm("std", std, flag["std"])
     if (mean is None) != (std is None):
-        raise ZooError(f"mean={mean!r}, std={std!r}: give both (the input normalisation) or neither")
+        raise ZooError(f"{flag['mean']}={short_repr(mean)}, {flag['std']}={short_repr(std)}: give both (the input "
+                       "normalisation) or neither")
     names = resolve_classes(classes)
+    out_p = check_out_file(out, flag["out"])
     ckpt = read_checkpoint(path)  # refuses pickles, names a missing or corrupt file
-    out_p = Path(out)
     if out_p.exists() and out_p.resolve() == ckpt.path.resolve():
-        raise ZooError(f"out={str(out_p)!r} is the foreign file itself; write the zoo checkpoint elsewhere")
-    model = load_foreign(ckpt, create(model_name, **kwargs))
+        raise ZooError(f"{flag['out']}={str(out_p)!r} is the foreign file itself; write the zoo checkpoint elsewhere")
+    model = create(model_name, **kwargs)
+    _check_counts(model, names, {"mean": mean, "std": std}, flag)
+    model = load_foreign(ckpt, model)
     source = {"file": ckpt.path.name, "sha256": sha256_file(ckpt.path)}
     return save_checkpoint(model, out_p, classes=names, mean=mean, std=std, extra={"imported_from": source})

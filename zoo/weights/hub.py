@@ -1,9 +1,11 @@
 """Download and cache of indexed weights, the way `torch.hub` does it.
 
-Every index entry names its file, its sha256 and a URL it is published at (`RELEASE_URL` + file for
-zoo's own weights). A file that is not in the weights folder is downloaded once into the cache,
-`$ZOO_HOME/weights` (default `~/.cache/zoo/weights`), written atomically and kept only if its sha256
-matches the index. Nothing is downloaded when the file is present locally or already cached.
+zoo's own weights ship with the package (their index entries have no `url`). Where they were left out, or
+for an index of one's own, the user or packager sets a base URL, `$ZOO_WEIGHTS_URL`, that serves the files
+by name; an entry may also name its own `url`. A file that is not in the weights folder is downloaded
+once from there into the cache, `$ZOO_HOME/weights` (default `~/.cache/zoo/weights`), written atomically
+and kept only if its sha256 matches the index. Nothing is downloaded when the file is present locally or
+already cached, and zoo names no download location of its own.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from zoo.errors import ZooError
 from zoo.weights.checkpoint import sha256_file
 
-RELEASE_URL = "https://github.com/zoo-models/zoo/releases/download/weights-v1/"
+URL_ENV = "ZOO_WEIGHTS_URL"  # base URL serving weights files by name, set by the user or packager
 URL_SCHEMES = ("https", "http", "file")
 TIMEOUT_S = 60.0
 
@@ -35,9 +37,19 @@ def cache_dir() -> Path:
     return zoo_home() / "weights"
 
 
-def release_url(file: str) -> str:
-    """The URL zoo's own weights file `file` is published at."""
-    return RELEASE_URL + urllib.parse.quote(file)
+def base_url() -> str | None:
+    """The base URL of $ZOO_WEIGHTS_URL (checked, ending with '/'), or None when it is not set."""
+    raw = os.environ.get(URL_ENV, "").strip()
+    if not raw:
+        return None
+    check_url(raw, f"${URL_ENV}")
+    return raw if raw.endswith("/") else raw + "/"
+
+
+def download_url(file: str, url: str | None) -> str | None:
+    """Where to download weights file `file` from: $ZOO_WEIGHTS_URL + file when set, else the entry's `url`."""
+    base = base_url()
+    return base + urllib.parse.quote(file) if base is not None else url
 
 
 def check_url(url: str, where: str) -> str:
@@ -57,11 +69,14 @@ def check_sha256(path: Path, expected: str, what: str, hint: str) -> Path:
     return path
 
 
-def fetch(url: str, file: str, sha256: str) -> Path:
+def fetch(url: str | None, file: str, sha256: str) -> Path:
     """The cached copy of `file`, downloaded from `url` first if it is not cached; both checked against `sha256`."""
     dest = cache_dir() / file
     if dest.is_file():
         return check_sha256(dest, sha256, f"cached weights file {str(dest)!r}", "delete it to download it again")
+    if url is None:
+        raise ZooError(f"weights file {file!r} is not cached in {str(dest.parent)!r} and no url to download it from "
+                       f"is known; set ${URL_ENV} to a base URL serving it")
     return download(url, dest, sha256)
 
 

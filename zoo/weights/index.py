@@ -1,10 +1,11 @@
 """The weights index: `weights/index.json` lists every committed checkpoint with its provenance.
 
 Each entry gives the tag, architecture and kwargs, dataset, metrics, compression, sha256, file, the
-URL the file is published at and the recipe that produced it. The folder is the one installed with zoo
-(the repository's `weights/`, shipped as the package data `zoo._weights`) unless `ZOO_WEIGHTS_DIR` (or
-a `weights_dir` argument) points elsewhere. A file missing from the folder is downloaded from its URL
-into the cache (zoo.weights.hub) and checked against its sha256.
+URL the file is published at (null: it ships with the weights folder) and the recipe that produced it.
+The folder is the one installed with zoo (the repository's `weights/`, shipped as the package data
+`zoo._weights`) unless `ZOO_WEIGHTS_DIR` (or a `weights_dir` argument) points elsewhere. A file missing
+from the folder is downloaded from $ZOO_WEIGHTS_URL (or the entry's URL) into the cache (zoo.weights.hub)
+and checked against its sha256.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from zoo.errors import ZooError
 from zoo.untrusted import parse_json, read_text, short_repr
 from zoo.weights.checkpoint import describe_spec, load_checkpoint, read_checkpoint, sha256_file
-from zoo.weights.hub import cache_dir, check_sha256, check_url, fetch, release_url
+from zoo.weights.hub import URL_ENV, cache_dir, check_sha256, check_url, download_url, fetch
 
 INDEX_FILE = "index.json"
 INDEX_FORMAT = 1
@@ -152,10 +153,18 @@ def entry_path(entry: WeightsEntry, wdir: str | os.PathLike | None = None) -> Pa
     path = local_path(entry, wdir)
     if path.is_file():
         return path
-    if entry.url is None:
-        raise ZooError(f"weights entry {entry.describe()}: {str(path)!r} does not exist and the index gives no url "
-                       "to download it from")
-    return fetch(entry.url, entry.file, entry.sha256)
+    url = download_url(entry.file, entry.url)
+    if url is None and not (cache_dir() / entry.file).is_file():
+        raise ZooError(f"weights entry {entry.describe()}: file {entry.file!r} is missing from {str(path.parent)!r}; "
+                       f"{how_to_get(entry.file)}")
+    return fetch(url, entry.file, entry.sha256)
+
+
+def how_to_get(file: str) -> str:
+    """How to get a missing weights file: it ships with zoo, or comes from a folder or base URL the user sets."""
+    return (f"zoo's weights ship with the package (reinstall zoo: `pip install .`), or set $ZOO_WEIGHTS_DIR to a "
+            f"folder holding {file!r} and its index.json, or set ${URL_ENV} to a base URL serving {file!r} (downloaded "
+            f"once into {str(cache_dir())!r} and checked against the index's sha256)")
 
 
 def write_index(entries: list[WeightsEntry], wdir: str | os.PathLike | None = None) -> Path:
@@ -235,7 +244,7 @@ def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics
                         replace: bool = False, max_total_mb: float = MAX_TOTAL_MB,
                         url: str | None = None) -> WeightsEntry:
     """Copy a checkpoint into the weights folder, hash it and add (or with `replace`, update) its index entry;
-    `url` is where the file is published (default: zoo's weights release, RELEASE_URL + file name)."""
+    `url` is where the file is published, if anywhere (None: the file ships with the weights folder)."""
     if not isinstance(tag, str) or not _TAG_RE.match(tag):
         raise ZooError(f"tag={tag!r} is not allowed; expected letters, digits, '_', '.' or '-'")
     for label, val in (("dataset", dataset), ("recipe", recipe)):
@@ -249,7 +258,8 @@ def register_checkpoint(path: str | os.PathLike, tag: str, dataset: str, metrics
         raise ZooError(f"compression={compression!r} is not allowed; expected a JSON-able dict, list or string")
     if url is not None and not isinstance(url, str):
         raise ZooError(f"url={url!r} is not allowed; expected a URL string")
-    url = check_url(url if url is not None else release_url(ckpt.path.name), f"weights file {ckpt.path.name!r}")
+    if url is not None:
+        check_url(url, f"weights file {ckpt.path.name!r}")
     model = load_checkpoint(ckpt)  # verifies the file really loads
     d = weights_root(weights_dir)
     d.mkdir(parents=True, exist_ok=True)
@@ -295,7 +305,7 @@ def verify_index(weights_dir: str | os.PathLike | None = None) -> list[str]:
             p = cache_dir() / e.file
         if not p.is_file():
             problems.append(f"{e.describe()}: file {e.file!r} is missing from {str(d)!r} and not downloaded to "
-                            f"{str(cache_dir())!r}")
+                            f"{str(cache_dir())!r}; {how_to_get(e.file)}")
             continue
         try:
             check_sha256(p, e.sha256, f"{e.describe()}: {str(p)!r}", "the file does not match the index")

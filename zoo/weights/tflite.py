@@ -44,6 +44,7 @@ from zoo._registry import create
 from zoo.compress import fix_activation_grids
 from zoo.compress._common import check_choice
 from zoo.errors import ZooError
+from zoo.io import check_out_file
 from zoo.layers import ConvNormAct, InvertedResidual
 from zoo.weights.checkpoint import save_checkpoint, sha256_file
 from zoo.weights.tflite_graph import Layer, TfGraph, TfOp, read_graph, to_layer
@@ -119,6 +120,8 @@ def _input_coding(graph: TfGraph) -> tuple[int, tuple, tuple, dict[str, Any]]:
         rng: dict[str, Any] = {"dtype": "float32", "assumed": "TF-slim inputs x / 127.5 - 1 in [-1, 1]"}
     elif x.dtype in ("UINT8", "INT8") and x.scale is not None:
         s, z = float(x.scale[0]), int(x.zero_point[0])
+        if not (np.isfinite(s) and s > 0):
+            raise _fail(graph, f"input {x.name!r} has quantization scale {s}; expected a finite number > 0")
         offset = 128 if x.dtype == "INT8" else 0  # int8 inputs take pixel - 128
         mean, std = (z + offset) / 255.0, 1.0 / (255.0 * s)
         rng = {"dtype": x.dtype.lower(), "scale": s, "zero_point": z, "pixel_offset": -offset,
@@ -251,6 +254,7 @@ def imagenet_classes() -> list[str]:
 
 def _import(path: str | os.PathLike, out: str | os.PathLike, model: str | None,
             activations: str) -> tuple[Path, Detected]:
+    check_out_file(out, "out")
     zmodel = tflite_to_model(path, activations)
     found: Detected = zmodel.tflite_import
     del zmodel.tflite_import

@@ -6,12 +6,14 @@ real = scale * (q - zero_point), per tensor or per output channel, and int32 bia
 scale * weight scale, as the TFLite kernels compute them.
 
 Refused with one ZooError naming what was found: float16 (or other) tensor types, ops outside
-SUPPORTED_OPS, several subgraphs, dilated / VALID-padded / depth-multiplied convs, other fused activations.
+SUPPORTED_OPS, several subgraphs, dilated / VALID-padded / depth-multiplied convs, other fused activations,
+NaN / infinite weights, and truncated or corrupt files (offsets past the end, buffers of the wrong size).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.untrusted import clip
 
 try:  # the optional extra zoo[tflite]
     import tflite
@@ -91,7 +94,7 @@ def _buffer(model: Any, raw: bytes, index: int) -> bytes | None:
     return raw[offset:offset + size] if offset > 1 and size else None  # large models keep data after the flatbuffer
 
 
-def _tensor(model: Any, graph: Any, raw: bytes, i: int, types: dict[int, str]) -> TfTensor:
+def _tensor(model: Any, graph: Any, raw: bytes, i: int, types: dict[int, str], path: Path) -> TfTensor:
     t = graph.Tensors(i)
     shape = tuple(int(s) for s in t.ShapeAsNumpy()) if t.ShapeLength() else ()
     out = TfTensor(i, t.Name().decode("utf-8", "replace"), shape, types.get(t.Type(), f"type {t.Type()}"))
@@ -102,6 +105,10 @@ def _tensor(model: Any, graph: Any, raw: bytes, i: int, types: dict[int, str]) -
         out.quant_dim = int(q.QuantizedDimension())
     data = _buffer(model, raw, t.Buffer())
     if data is not None and out.dtype in NUMPY_TYPES:
+        want = int(np.prod(shape, dtype=np.int64)) * np.dtype(NUMPY_TYPES[out.dtype]).itemsize
+        if any(d < 0 for d in shape) or len(data) != want:
+            raise ZooError(f"{str(path)!r} is a truncated or corrupt TFLite file: tensor {out.name!r} of shape {shape} "
+                           f"({out.dtype.lower()}) needs {want} bytes of data but its buffer holds {len(data)}")
         out.data = np.frombuffer(data, dtype=NUMPY_TYPES[out.dtype]).reshape(shape).copy()
     return out
 
@@ -139,7 +146,8 @@ def _check_types(path: Path, tensors: list[TfTensor]) -> None:
 
 
 def read_graph(path: str | os.PathLike) -> TfGraph:
-    """Parse a .tflite file with the `tflite` package; ZooError for float16 / other types and unknown ops."""
+    """Parse a .tflite file with the `tflite` package; ZooError for float16 / other types, unknown ops and
+    truncated or corrupt files."""
     if tflite is None:
         raise ZooError(_INSTALL)
     p = Path(path)
@@ -148,11 +156,23 @@ def read_graph(path: str | os.PathLike) -> TfGraph:
     raw = p.read_bytes()
     if len(raw) < 8 or not tflite.Model.ModelBufferHasIdentifier(raw, 0):
         raise ZooError(f"{str(p)!r} is not a TFLite flatbuffer (no 'TFL3' identifier at byte 4, found {raw[4:8]!r})")
+    try:
+        return _parse(p, raw)
+    except ZooError:
+        raise
+    except (struct.error, IndexError, ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        # flatbuffer offsets that point past the end (or into garbage) of a cut or damaged file
+        raise ZooError(f"{str(p)!r} is a truncated or corrupt TFLite file ({len(raw):,} bytes; reading it failed with "
+                       f"{type(e).__name__}: {clip(str(e), 120)}); expected a complete .tflite flatbuffer") from None
+
+
+def _parse(p: Path, raw: bytes) -> TfGraph:
+    """The graph of a flatbuffer that has the TFLite identifier (read_graph turns read errors into ZooErrors)."""
     model = tflite.Model.GetRootAsModel(raw, 0)
     if model.SubgraphsLength() != 1:
         raise ZooError(f"cannot import {str(p)!r}: it has {model.SubgraphsLength()} subgraphs; expected 1")
     g, types = model.Subgraphs(0), _type_names()
-    tensors = [_tensor(model, g, raw, i, types) for i in range(g.TensorsLength())]
+    tensors = [_tensor(model, g, raw, i, types, p) for i in range(g.TensorsLength())]
     _check_types(p, tensors)
     ops = []
     for i in range(g.OperatorsLength()):
@@ -240,6 +260,10 @@ def to_layer(op: TfOp, path: Path) -> Layer:
         raise ZooError(f"{where} uses VALID padding on a {weight.shape[2]}x{weight.shape[3]} kernel; the "
                        "MobileNet importer expects TensorFlow SAME")
     bias = _bias(op, w, weight.shape[0])
+    for what, arr in (("weights", weight), ("bias", bias)):
+        if not np.isfinite(arr).all():
+            raise ZooError(f"{where} has {int((~np.isfinite(arr)).sum())} NaN/inf {what}; zoo imports only finite "
+                           "weights (a checkpoint holding them would be refused when loaded)")
     return Layer(w.name, np.ascontiguousarray(weight), bias, o.get("stride_h", 1), groups, ACTIVATIONS[act])
 
 
