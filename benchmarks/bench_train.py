@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[tuple[str, str, bool], list[float]] = {}
     for r in range(args.rounds):
         for name, m in models.items():
-            ips = probe(m, x, ("fp32", "bf16"), (False, True), steps=args.steps)
+            ips = probe(m, x, ("fp32", "bf16"), (False, True), steps=args.steps, rounds=1)
             for (p, cl), v in ips.items():
                 rates.setdefault((name, p, cl), []).append(v)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)

@@ -77,7 +77,7 @@ def test_probe_times_every_variant_and_leaves_model_and_rng_alone() -> None:
     before = {k: v.clone() for k, v in m.state_dict().items()}
     torch.manual_seed(5)
     state = torch.get_rng_state()
-    ips = ts.probe(m, torch.zeros(4, 1, 32, 32), ("fp32", "bf16"), (False, True), steps=1)
+    ips = ts.probe(m, torch.zeros(4, 1, 32, 32), ("fp32", "bf16"), (False, True), steps=1, rounds=2)
     assert set(ips) == {("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)}
     assert all(v > 0 for v in ips.values())
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())

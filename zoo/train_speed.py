@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from zoo.errors import ZooError
 
 PRECISIONS = ("fp32", "bf16", "auto")
-PROBE_STEPS = 4  # timed steps per variant, after one warm-up step (median of the per-step times)
+PROBE_STEPS = 2  # timed steps per variant and round, after one warm-up step
+PROBE_ROUNDS = 3  # interleaved rounds over the variants; the median step of each variant counts
 AUTO_MARGIN = 1.05  # `auto` leaves the default (fp32, NCHW) only for a variant at least 5% faster
 
 
@@ -74,28 +75,31 @@ def autocast(precision: str, device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _step_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, steps: int) -> float:
-    """Median seconds of one SGD forward-backward-step of `model` on (x, y) (the model is a throwaway copy)."""
+def _step_times(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, steps: int,
+                warmup: bool) -> list[float]:
+    """Seconds of each of `steps` SGD forward-backward-steps of `model` (a throwaway copy) on (x, y), after one
+    untimed step when `warmup` (the first step pays kernel selection and allocation)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + int(warmup)):
         t0 = time.perf_counter()
         with autocast(precision, x.device):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i:  # the first step pays one-off kernel selection and allocation
+        if i or not warmup:
             times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return times
 
 
 def probe(model: nn.Module, example: torch.Tensor, precisions: tuple[str, ...], formats: tuple[bool, ...],
-          steps: int = PROBE_STEPS) -> dict[tuple[str, bool], float]:
-    """Training images/s of each (precision, channels_last) variant, timed on copies of `model` with a
-    batch shaped like `example` (the model and the global RNG are left as they were)."""
+          steps: int = PROBE_STEPS, rounds: int = PROBE_ROUNDS) -> dict[tuple[str, bool], float]:
+    """Training images/s of each (precision, channels_last) variant, timed on copies of `model` with a batch
+    shaped like `example`: `rounds` interleaved passes over the variants, `steps` timed steps each, the median
+    step of every variant (a busy spell of the machine hits all variants alike). The model and the global RNG
+    are left as they were."""
     if not isinstance(model, nn.Module):
         raise ZooError(f"probe: model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(example, torch.Tensor) or example.dim() < 2:
@@ -106,13 +110,17 @@ def probe(model: nn.Module, example: torch.Tensor, precisions: tuple[str, ...], 
         with torch.no_grad():
             num_classes = copy.deepcopy(model).eval()(x[:1]).shape[1]
         y = torch.randint(0, num_classes, (example.shape[0],), device=example.device)
-        out: dict[tuple[str, bool], float] = {}
-        for cl in formats:
+        variants = [(p, cl) for cl in formats for p in precisions]
+        copies = {}
+        for p, cl in variants:
             fmt = torch.channels_last if cl and x.dim() == 4 else torch.contiguous_format
-            for prec in precisions:
-                m = copy.deepcopy(model).to(memory_format=fmt)
-                out[(prec, cl)] = example.shape[0] / _step_time(m, x.contiguous(memory_format=fmt), y, prec, steps)
-        return out
+            copies[(p, cl)] = (copy.deepcopy(model).to(memory_format=fmt), x.contiguous(memory_format=fmt))
+        times: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
+        for r in range(rounds):
+            for v in variants:
+                m, xv = copies[v]
+                times[v] += _step_times(m, xv, y, v[0], steps, warmup=r == 0)
+        return {v: example.shape[0] / sorted(t)[len(t) // 2] for v, t in times.items()}
     finally:
         torch.set_rng_state(rng)
 
