@@ -300,7 +300,8 @@ def finetune(model_name: str | None, data: str | os.PathLike, weights: str | os.
              freeze_backbone: bool = False, epochs: int = DEFAULT_EPOCHS, out: str | os.PathLike = "runs/finetune",
              then: str | Sequence[Any] | None = None, *, batch_size: int = DEFAULT_BATCH_SIZE,
              lr: float | None = None, seed: int = 0, input_size: int | None = None, val_fraction: float = 0.2,
-             progress: bool = True, device: str = "auto", **model_kwargs: Any) -> FinetuneResult:
+             progress: bool = True, device: str = "auto", precision: str = "fp32",
+             **model_kwargs: Any) -> FinetuneResult:
     """Fine-tune `model_name` on an image folder with a new head; write out/model.safetensors and metrics.json.
 
     `weights` (a tag, a zoo .safetensors checkpoint, another project's state dict or a TFLite MobileNet)
@@ -328,7 +329,7 @@ def finetune(model_name: str | None, data: str | os.PathLike, weights: str | os.
     if lr is None:
         lr = PRETRAINED_LR if weights is not None else DEFAULT_LR
     cfg = TrainConfig.from_dict({"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed,
-                                 "progress": progress, "device": device})
+                                 "progress": progress, "device": device, "precision": precision})
     specs = then_specs(steps, StageSpec(THEN_SOURCE, "train", model_name, kwargs, None, seed, {}, ()),
                        then_recovery(cfg), batch_size)
     if data is None or not isinstance(data, (str, os.PathLike)):
@@ -387,7 +388,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     res = finetune(args.name, args.data, weights=args.weights, freeze_backbone=args.freeze_backbone,
                    epochs=args.epochs, out=args.out, then=args.then, batch_size=args.batch_size, lr=args.lr,
                    seed=args.seed, input_size=args.input_size, val_fraction=args.val_fraction,
-                   progress=not args.quiet, device=args.device, **kwargs)
+                   progress=not args.quiet, device=args.device, precision=args.precision, **kwargs)
     d = res.metrics["data"]
     print(f"{res.metrics['model']} fine-tuned on {d['root']} ({d['num_classes']} classes, {d['num_train']} train / "
           f"{d['num_val']} val images): val top1 {res.top1:.2f}%")
@@ -433,6 +434,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--then", default=None, metavar="STEPS",
                    help="compression after fine-tuning, comma-separated: " + "; ".join(THEN_STEPS.values()))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                   help="fp32, bf16 autocast, or auto: bf16 where the CPU has it natively and a probe measures it "
+                        "faster (default fp32)")
     p.add_argument("--out", default="runs/finetune", help="output folder (default runs/finetune)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     p.set_defaults(func=_cmd_finetune)

@@ -83,6 +83,8 @@ COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "size_kb": ("size (KB)", lambda r: "-" if r.get("size_bytes") is None else f"{r['size_bytes'] / 1024:,.1f}"),
     "latency_ms": ("CPU latency (ms)", lambda r: "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"),
     "train_time_s": ("train time (s)", lambda r: pm(r.get("time_s"), None, 1)),
+    "precision": ("trained in", lambda r: "-" if not r.get("precision") else
+                  f"{r['precision']}{', NHWC' if r.get('memory_format') == 'channels_last' else ''}"),
     # compression columns (zoo.recipe.compress_stages)
     "top1_pre": ("top-1 before fine-tune (%)", lambda r: pm(r.get("top1_pre"), None)),
     "nonzero": ("nonzero params", lambda r: "-" if r.get("nonzero_params") is None else f"{r['nonzero_params']:,}"),
@@ -99,5 +101,5 @@ COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "ratio": ("compression ratio", lambda r: "-" if r.get("compression_ratio") is None
               else f"{r['compression_ratio']:.1f}x"),
 }
-TEXT_COLUMNS = ("model", "stage", "teacher")
+TEXT_COLUMNS = ("model", "stage", "teacher", "precision")
 DEFAULT_COLUMNS = ("model", "stage", "teacher", "top1", "params", "macs", "size_kb", "latency_ms")

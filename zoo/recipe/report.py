@@ -103,7 +103,7 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
     rows: list[dict[str, Any]] = []
     label_of = {r.stage: r.label for r in recipe.rows}
     dense_cache: dict[str, tuple[int, int, int]] = {}
-    for row in recipe.rows:
+    for row in [r for r in recipe.rows if r.stage in records]:  # a partial run (--stages) reports what ran
         spec = recipe.stages[row.stage]
         recs = [records[row.stage][k] for k in sorted(records[row.stage])]
         top1 = [r["metrics"]["top1"] for r in recs]
@@ -147,6 +147,7 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
         "tolerance": recipe.tolerance, "environment": {**environment(), "train_threads": _threads(records)},
         "timing": {"stage_total_s": round(stage_time, 1), "this_run_wall_s": round(wall_s, 1)},
         "rows": rows, "kd_effect": kd_effect(rows),
+        "missing_rows": [r.stage for r in recipe.rows if r.stage not in records],
     }
 
 
@@ -204,6 +205,9 @@ def render_markdown(res: dict[str, Any]) -> str:
     for r in res["rows"]:
         lines.append("| " + " | ".join(COLUMNS[c][1](r) for c in cols) + " |")
     lines.append("")
+    if res.get("missing_rows"):
+        lines += [f"**Partial table:** rows {', '.join(res['missing_rows'])} have not run yet (`zoo recipe run "
+                  f"{res.get('file', '')} --stages {','.join(res['missing_rows'])}` continues it).", ""]
     if res.get("kd_effect"):
         lines.append("Effect of distillation (distilled minus from-scratch top-1, paired by seed):")
         lines.append("")
@@ -304,6 +308,7 @@ RESULT_TYPES: dict[str, tuple[type, ...]] = {
     "recipe": (str,), "quick": (bool,), "seeds": (list,), "columns": (list,), "dataset": (dict,),
     "rows": (list,), "kd_effect": (list,), "environment": (dict,), "latency": (dict,), "timing": (dict,),
 }
+OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {"missing_rows": (list,)}
 ROW_NUMBERS = ("top1", "top1_std", "top5", "top5_std", "num_val", "time_s", "params", "macs", "size_bytes",
                "latency_ms", "top1_pre", "nonzero_params", "sparsity", "sparse_size_bytes", "dense_params",
                "dense_size_bytes", "compression_ratio", "dense_macs", "dense_top1")
@@ -337,6 +342,9 @@ def load_results(path: Path) -> dict[str, Any]:
         if not isinstance(res.get(key), types):
             raise ZooError(f"{where}: {key} = {short_repr(res.get(key))} is not allowed; expected "
                            f"{' or '.join(t.__name__ for t in types)} (re-write it with --write-table)")
+    for key, types in OPTIONAL_TYPES.items():
+        if key in res and not (isinstance(res[key], types) and all(isinstance(v, str) for v in res[key])):
+            raise ZooError(f"{where}: {key} = {short_repr(res[key])} is not allowed; expected a list of stage names")
     if not res["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in res["seeds"]):
         raise ZooError(f"{where}: seeds = {short_repr(res['seeds'])} is not allowed; expected a list of ints")
     for i, r in enumerate(res["rows"]):
@@ -364,11 +372,9 @@ def run_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, quick
     log = log or (lambda s: print(s, flush=True))
     out = make_out_dir(Path(out) if out is not None else default_out(recipe, quick), "--out")
     run, records, seeds, wall = run_stages(recipe, out, quick, log, only=stages)
-    missing = [r.stage for r in recipe.rows if r.stage not in records]
-    if missing:
-        log(f"ran {', '.join(records)} for seeds {seeds}; no table yet: stages {', '.join(missing)} have not run "
-            f"(`zoo recipe run {recipe.path} --out {out}` runs them and writes it)")
-        return {"stages": {k: {str(s): r["metrics"] for s, r in v.items()} for k, v in records.items()}}
+    if not any(r.stage in records for r in recipe.rows):
+        raise ZooError(f"--stages {','.join(stages or [])}: none of them is a table row of {recipe.path}; rows: "
+                       + ", ".join(r.stage for r in recipe.rows))
     results = build_results(run, records, seeds, wall)
     write_outputs(results, out)
     if write_table:
@@ -397,7 +403,9 @@ def check_recipe(recipe: Recipe | str | Path, out: str | Path | None = None, qui
         raise ZooError(f"{js} holds a {'quick' if committed.get('quick') else 'full'} run; check it "
                        f"{'with' if committed.get('quick') else 'without'} --quick")
     out = Path(out) if out is not None else default_out(recipe, quick, "-check")
-    new = run_recipe(recipe, out, quick=quick, log=log)
+    # a partial table (written with --stages) is checked on the rows it holds
+    only = [r["stage"] for r in committed["rows"]] if committed.get("missing_rows") else None
+    new = run_recipe(recipe, out, quick=quick, log=log, stages=only)
     tol = tolerances(committed, environment(), recipe.tolerance)
     diffs = compare(committed, new, tol)
     if not md.exists():
