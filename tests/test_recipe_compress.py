@@ -218,3 +218,36 @@ def test_cifar10_quick_recipe_matches_its_committed_quick_table(name: str, tmp_p
         assert rep.ok, rep.summary()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stage, words", [
+    ({"amount": 0.5, "kd": True}, ["needs a finetune block"]),
+    ({"amount": 0.5, "schedule": "snip", "finetune": True, "kd": True}, ["schedule snip"]),
+    ({"amount": 0.5, "finetune": True, "kd": {"temp": 2.0}}, ["unknown kd key", "temperature"]),
+    ({"amount": 0.5, "finetune": True, "kd": {"alpha": 1.5}}, ["alpha"]),
+    ({"amount": 0.5, "finetune": True, "kd": "yes"}, ["expected a mapping"]),
+])
+def test_prune_kd_is_validated(tmp_path: Path, stage: dict, words: list[str]) -> None:
+    p = _write(tmp_path, {"s": {"type": "prune", "from": "dense", **stage}},
+               defaults={**BASE["defaults"], "kd": {"temperature": 4.0, "alpha": 0.9}})
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    assert "stages.s.kd" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_pruned_model_fine_tunes_with_kd_from_its_own_dense_model(tmp_path: Path) -> None:
+    """`kd: true` swaps the fine-tune's loss for KD against the stage's `from` model; the options hash and the
+    fine-tuned weights differ from the plain fine-tune, and the dense model is the teacher recorded."""
+    ch = {"type": "prune", "from": "dense", "amount": 0.5, "granularity": "channel", "finetune": True}
+    p = _write(tmp_path, {"plain": dict(ch), "kd": {**ch, "kd": {"alpha": 0.9}}},
+               defaults={**BASE["defaults"], "kd": {"temperature": 4.0, "alpha": 0.5}})
+    r = load_recipe(p)
+    assert "kd" not in r.stages["plain"].options and r.stages["kd"].options["kd"] == {"temperature": 4.0, "alpha": 0.9}
+    res = run_recipe(p, out=tmp_path / "out", quick=True, log=lambda s: None)
+    rows = {row["stage"]: row for row in res["rows"]}
+    assert rows["plain"]["params"] == rows["kd"]["params"]  # the same channels removed
+    plain = load_checkpoint(tmp_path / "out" / "plain" / "seed0" / "model.safetensors")
+    kd = load_checkpoint(tmp_path / "out" / "kd" / "seed0" / "model.safetensors")
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), kd.state_dict().values()))
+    header = json.loads((tmp_path / "out" / "kd" / "seed0" / "finetune" / "last_state.json").read_text())
+    assert "kd" in json.dumps(header)

@@ -5,7 +5,7 @@ against a recipe's dataset (`check_model_kwargs`, `fill_kwargs`).
 It also checks train-config mappings against zoo.train.TrainConfig (`check_train_config`, used by the
 stage types and by the recipe's `quick:` section) and builds the config a stage trains with (`train_config`).
 
-Depends only on the registry, zoo.train's config, zoo.errors and zoo.untrusted; zoo.recipe.schema builds on it.
+Depends only on the registry, zoo.train's and zoo.distill's configs, zoo.errors and zoo.untrusted; zoo.recipe.schema builds on it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 
 from zoo._registry import model_args, model_card
 from zoo.data import DATASETS
+from zoo.distill import KDConfig
 from zoo.errors import ZooError
 from zoo.train import TrainConfig
 from zoo.untrusted import short_repr
@@ -205,3 +206,12 @@ def check_train_config(chk: Checker, path: str, d: dict, partial: bool = False) 
 def train_config(train: dict[str, Any], seed: int) -> TrainConfig:
     """The zoo.train.TrainConfig of a stage: its train section, quiet by default, with the run's seed."""
     return TrainConfig.from_dict({"progress": False, **train, "seed": seed})
+
+
+def check_kd_config(chk: Checker, path: str, d: dict, partial: bool = False) -> dict[str, Any]:
+    """Validate a distillation-config mapping against zoo.distill.KDConfig; return it as a dict."""
+    chk.mapping(d, path)
+    check_like_defaults(chk, path, d, dataclass_defaults(KDConfig), "kd")
+    if not partial:
+        build_checked(chk, path, KDConfig, d)
+    return dict(d)

@@ -10,7 +10,9 @@ They transform the model of an earlier stage (`from:`) with zoo.compress:
 * `lowrank`: SVD / Tucker-2 factorisation (Denton et al. 2014, Kim et al. 2016) by rank or energy.
 
 The optional `finetune:` block holds zoo.train.TrainConfig keys over `defaults.finetune` (`true`
-takes `defaults.finetune` as it is); `--quick` shortens it like every train section. The final model
+takes `defaults.finetune` as it is); `--quick` shortens it like every train section. A prune stage's `kd:`
+distils that fine-tune from the stage's own dense `from` model (Hinton et al. 2015), which recovers the
+accuracy pruning removed faster than labels alone. The final model
 is evaluated on the held-out images after compression (for QAT: after conversion to int8).
 
 The option vocabularies (criteria, granularities, scopes, methods, backends, observers) are zoo.compress's;
@@ -19,6 +21,7 @@ zoo.finetune's `--then` steps compile into these stages and run through these ru
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -27,7 +30,8 @@ import torch.nn as nn
 from zoo.compress import (BACKENDS, CRITERIA, GRANULARITIES, METHODS, OBSERVERS, SCOPES, convert, low_rank,
                           make_permanent, prune, prune_iterative, quantize, snip, sparsity)
 from zoo.compress.pt2e import is_pt2e
-from zoo.recipe.checks import Checker, check_train_config, train_config
+from zoo.distill import KDConfig, distill
+from zoo.recipe.checks import Checker, check_kd_config, check_train_config, train_config
 from zoo.recipe.registry import StageContext, StageType
 from zoo.train import evaluate, fit
 
@@ -53,6 +57,8 @@ PRUNE_KEYS = {
     "round_to": "granularity channel only: kept channel counts rounded up to a multiple of this int >= 1 "
                 "(e.g. 8, for fast kernels), capped at each layer's own count; default: no rounding",
     "finetune": FINETUNE_DOC + "; iterative: this fine-tune runs after every step",
+    "kd": "distil the fine-tune from this stage's dense `from` model: true (defaults.kd as is) or zoo.distill "
+          "KDConfig keys over defaults.kd (temperature, alpha); needs finetune, not with schedule snip",
 }
 QUANT_KEYS = {
     "method": "one of " + ", ".join(METHODS),
@@ -168,7 +174,23 @@ def _validate_prune(chk: Checker, path: str, stage: dict, defaults: dict) -> dic
         out["round_to"] = _int(chk, stage, path, "round_to", None, 1)
     if ft is not None:
         out["train"] = ft
+    if "kd" in stage:  # only when given: the options hash of existing recipes stays the same
+        out["kd"] = _kd(chk, path, stage, defaults, ft is not None and schedule != "snip")
     return out
+
+
+def _kd(chk: Checker, path: str, stage: dict, defaults: dict, allowed: bool) -> dict[str, Any]:
+    """A prune stage's `kd:` (true, or KD keys over defaults.kd) as a complete KD config."""
+    if not allowed:
+        raise chk.fail(f"{path}.kd", "needs a finetune block, and a teacher: schedule snip has no trained dense "
+                                     "model to distil from")
+    v = stage["kd"]
+    base = check_kd_config(chk, "defaults.kd", defaults.get("kd", {}) or {}, partial=True)
+    if isinstance(v, bool) and v:
+        return check_kd_config(chk, f"{path}.kd", dict(base))
+    own = check_kd_config(chk, f"{path}.kd", chk.mapping(v, f"{path}.kd") if not isinstance(v, bool) else v,
+                          partial=True)
+    return check_kd_config(chk, f"{path}.kd", {**base, **own})
 
 
 def _validate_quantize(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any]:
@@ -233,13 +255,19 @@ def _train_batches(ctx: StageContext, n: int, batch_size: int = DEFAULT_BATCH_SI
     return out
 
 
-def _finetune_run(ctx: StageContext, model: nn.Module, sub: str, checkpoints: bool = True) -> dict[str, Any]:
+def _finetune_run(ctx: StageContext, model: nn.Module, sub: str, checkpoints: bool = True,
+                  teacher: nn.Module | None = None) -> dict[str, Any]:
     """Fine-tune in place with the stage's finetune config (checkpoints in <stage dir>/<sub>, unless the
-    model has no storage form while it trains: a PT2E fake-quant graph reruns its stage if interrupted)."""
+    model has no storage form while it trains: a PT2E fake-quant graph reruns its stage if interrupted);
+    with a `teacher`, distilled from it with the stage's `kd` config."""
     cfg = train_config(ctx.options["train"], ctx.seed)
     train_loader, val_loader, _ = ctx.loaders(cfg.batch_size)
     out_dir = None if ctx.dir is None or not checkpoints else ctx.dir / sub
-    result = fit(model, train_loader, val_loader, cfg, out_dir=out_dir, resume=False, meta=ctx.meta)
+    if teacher is not None:
+        result = distill(model, teacher, train_loader, val_loader, cfg, KDConfig.from_dict(ctx.options["kd"]),
+                         out_dir=out_dir, meta=ctx.meta)
+    else:
+        result = fit(model, train_loader, val_loader, cfg, out_dir=out_dir, resume=False, meta=ctx.meta)
     ctx.report.setdefault("finetunes", []).append(result)
     return {"epochs": len(result.history), "top1": float(result.final["top1"])}
 
@@ -285,6 +313,8 @@ def run_prune(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     if o.get("round_to") is not None:
         kw["round_to"] = o["round_to"]
     before, ft_epochs = None, 0
+    dense = ctx.initial_model() if o["schedule"] != "snip" else None
+    teacher = copy.deepcopy(dense) if "kd" in o else None  # the stage's own dense model
     if o["schedule"] == "snip":
         # a fresh network of the `from` architecture, initialised like a train stage
         model = snip(ctx.fresh_model(), o["amount"], data=_train_batches(ctx, 1, o["batch_size"]),
@@ -294,16 +324,16 @@ def run_prune(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
 
         def fine_tune(m: nn.Module, step: int) -> None:
             nonlocal ft_epochs
-            ft_epochs += _finetune_run(ctx, m, f"finetune_step{step + 1}")["epochs"]
+            ft_epochs += _finetune_run(ctx, m, f"finetune_step{step + 1}", teacher=teacher)["epochs"]
 
-        model = prune_iterative(ctx.initial_model(), o["amount"], o["steps"], fine_tune, o["criterion"],
+        model = prune_iterative(dense, o["amount"], o["steps"], fine_tune, o["criterion"],
                                 o["granularity"], o["scope"], data, example_inputs=_example(ctx), **kw)
     else:
-        model = prune(ctx.initial_model(), o["amount"], o["criterion"], o["granularity"], o["scope"], data=data,
+        model = prune(dense, o["amount"], o["criterion"], o["granularity"], o["scope"], data=data,
                       example_inputs=_example(ctx), **kw)
         if "train" in o:
             before = _evaluate(ctx, model)
-            ft_epochs = _finetune_run(ctx, model, "finetune")["epochs"]
+            ft_epochs = _finetune_run(ctx, model, "finetune", teacher=teacher)["epochs"]
     # masks -> plain weights with real zeros (a no-op for channel pruning); reported with sparse storage
     model = make_permanent(model.cpu())
     return model, _metrics(ctx, model, before, ft_epochs)

@@ -27,8 +27,7 @@ import torch.nn as nn
 from zoo.distill import KDConfig, distill, load_teacher
 from zoo.errors import ZooError
 from zoo.layers import ConvNormAct
-from zoo.recipe.checks import (Checker, build_checked, check_like_defaults, check_train_config, dataclass_defaults,
-                               train_config)
+from zoo.recipe.checks import Checker, check_kd_config, check_train_config, train_config
 from zoo.recipe.registry import StageContext, StageType
 from zoo.train import TrainResult, fit
 from zoo.weights.checkpoint import classifier_prefix, describe_spec, mismatch_report
@@ -80,15 +79,6 @@ class frozen_backbone:
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def check_kd_config(chk: Checker, path: str, d: dict, partial: bool = False) -> dict[str, Any]:
-    """Validate a distillation-config mapping against zoo.distill.KDConfig; return it as a dict."""
-    chk.mapping(d, path)
-    check_like_defaults(chk, path, d, dataclass_defaults(KDConfig), "kd")
-    if not partial:
-        build_checked(chk, path, KDConfig, d)
-    return dict(d)
 
 
 def _train_section(chk: Checker, path: str, stage: dict, defaults: dict) -> dict[str, Any]:
