@@ -1,0 +1,238 @@
+"""The Deep Compression file codec: Han, Mao & Dally 2016, "Deep Compression: Compressing Deep Neural Networks
+with Pruning, Trained Quantization and Huffman Coding" (ICLR), sections 2 and 4.
+
+zoo.weights.checkpoint writes it for `save_checkpoint(model, path, format="deep")` and reads it through the
+one checkpoint loader. The file is a safetensors file (no pickle) holding one uint8 tensor, `zoo.deep`, the
+payload; its header holds `zoo.spec` (name, kwargs, compression steps), `zoo.deep` (the layout below) and
+`zoo.sha256`, the sha256 of the canonical JSON of every other zoo.* header entry followed by the payload.
+
+Each weight shared by zoo.compress.sharing (`centroids[index] * keep`) is one record of the layout,
+`{"layer", "shape", "bits", "index_bits", "kept", "entries", "bytes": [value stream, index stream]}`, whose
+payload sections are, in order: the 2^bits float32 centroids; the code lengths (4 bits each) of the
+cluster-index Huffman code (2^bits symbols) and of the index-difference code (2^index_bits symbols); the
+Huffman stream of the cluster index of every kept weight; the Huffman stream of the relative indices.
+A kept weight at flat position p after the previous one at q (q = -1 at the start) is the symbol
+p - q - 1 when that is below F = 2^index_bits - 1; a longer gap first takes filler entries, the symbol F,
+each advancing F positions with no value (the paper's filler zeros: their value is implicitly zero and not
+stored). index_bits is 8 for conv and 5 for fc weights (the paper's choice). Every other state tensor is a
+record `{"key", "dtype", "shape"}` whose raw little-endian bytes follow in the payload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from zoo.compress import huffman
+from zoo.compress.serialize import pack_bits
+from zoo.compress.sharing import MAX_BITS, MIN_BITS, shared_layers
+from zoo.errors import ZooError
+from zoo.untrusted import short_repr
+
+VERSION = 1
+PAYLOAD = "zoo.deep"  # the safetensors tensor holding the payload
+INDEX_BITS = {4: 8, 2: 5}  # weight rank -> bits of a relative index: conv 8, fc 5 (Han et al. 2016, section 2)
+DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+          "BOOL": torch.bool}
+_NAMES = {v: k for k, v in DTYPES.items()}
+SHARED_KEYS = ("layer", "shape", "bits", "index_bits", "kept", "entries", "bytes")
+RAW_KEYS = ("key", "dtype", "shape")
+
+
+def canonical(obj: Any) -> bytes:
+    """Compact, key-sorted JSON bytes: what the checksum covers for header entries."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def checksum(header: dict[str, Any], payload: bytes) -> str:
+    """sha256 hex of the header entries (parsed zoo.* values without sha256) and then the payload."""
+    return hashlib.sha256(canonical(header) + b"\0" + payload).hexdigest()
+
+
+def _prefix(layer: str) -> str:
+    return f"{layer}.parametrizations.weight." if layer else "parametrizations.weight."
+
+
+def shared_keys(layer: str) -> tuple[str, str, str, str]:
+    """State keys of a shared layer: centroids, cluster index, packed keep mask and its shape."""
+    p = _prefix(layer)
+    return p + "original", p + "0.idx", p + "0.mask#bits", p + "0.mask#shape"
+
+
+def relative_indices(positions: np.ndarray, index_bits: int) -> np.ndarray:
+    """Index-difference symbols (filler symbol F = 2^index_bits - 1 where a gap exceeds F) of sorted positions."""
+    f = (1 << index_bits) - 1
+    gaps = np.diff(np.concatenate([[-1], positions.astype(np.int64)]))
+    fillers = (gaps - 1) // f  # fillers before each kept weight
+    out = np.full(int(fillers.sum()) + gaps.size, f, dtype=np.int64)
+    ends = np.cumsum(fillers + 1) - 1  # where each real symbol lands
+    out[ends] = gaps - 1 - fillers * f
+    return out
+
+
+def positions_of(symbols: np.ndarray, index_bits: int) -> np.ndarray:
+    """Flat positions of the kept weights encoded by `relative_indices` symbols."""
+    f = (1 << index_bits) - 1
+    real = symbols < f
+    advance = np.where(real, symbols + 1, f)
+    return (np.cumsum(advance) - 1)[real]
+
+
+def _shared_record(layer: str, m: nn.Module, p: nn.Module, parts: list[bytes]) -> dict[str, Any]:
+    """Encode one shared layer into payload parts; its layout record."""
+    keep = p.mask.detach().cpu().reshape(-1).numpy()
+    positions = np.flatnonzero(keep)
+    values = p.idx.detach().cpu().reshape(-1).numpy().astype(np.int64)[positions]
+    ib = INDEX_BITS.get(p.mask.dim(), 8)
+    k = 2 ** p.bits
+    symbols = relative_indices(positions, ib)
+    vlen = huffman.code_lengths(np.bincount(values, minlength=k))
+    ilen = huffman.code_lengths(np.bincount(symbols, minlength=2 ** ib))
+    vstream, istream = huffman.encode(values, vlen), huffman.encode(symbols, ilen)
+    cent = m.parametrizations.weight.original.detach().cpu().float().contiguous()
+    parts += [cent.numpy().astype("<f4").tobytes(), huffman.pack_lengths(vlen), huffman.pack_lengths(ilen),
+              vstream, istream]
+    return {"layer": layer, "shape": list(p.mask.shape), "bits": p.bits, "index_bits": ib,
+            "kept": int(positions.size), "entries": int(symbols.size), "bytes": [len(vstream), len(istream)]}
+
+
+def encode(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any]]:
+    """(payload, layout) of a model's checkpoint tensors, its shared layers sparse and Huffman-coded."""
+    shared = {_prefix(n) + "original": (n, m, p) for n, m, p in shared_layers(model)}
+    skip = {k for n, _, _ in shared.values() for k in shared_keys(n)}
+    parts: list[bytes] = []
+    records: list[dict[str, Any]] = []
+    for key, t in tensors.items():
+        if key in shared:
+            records.append(_shared_record(*shared[key], parts))
+        elif key not in skip:
+            t = t.detach().cpu().contiguous()
+            if t.dtype not in _NAMES:
+                raise ZooError(f"save (format='deep'): tensor {key!r} has dtype {t.dtype}, which the deep format "
+                               f"does not store; allowed: {', '.join(str(d) for d in DTYPES.values())}")
+            parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            records.append({"key": key, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+    return b"".join(parts), {"version": VERSION, "records": records}
+
+
+def _lengths_bytes(bits: int) -> int:
+    return (2 ** bits + 1) // 2
+
+
+def sections(rec: dict[str, Any]) -> dict[str, int]:
+    """Payload bytes of one record by kind: codebook (centroids and code lengths), values, index, other."""
+    if "layer" in rec:
+        cb = 4 * 2 ** rec["bits"] + _lengths_bytes(rec["bits"]) + _lengths_bytes(rec["index_bits"])
+        return {"codebook": cb, "values": rec["bytes"][0], "index": rec["bytes"][1], "other": 0}
+    n = math.prod(rec["shape"]) * torch.empty(0, dtype=DTYPES[rec["dtype"]]).element_size()
+    return {"codebook": 0, "values": 0, "index": 0, "other": n}
+
+
+def _int(v: Any, lo: int, hi: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+
+
+def _check_record(rec: Any, i: int, where: str) -> None:
+    bad = f"{where}: deep-compression header, record {i} {short_repr(rec)} is not allowed; expected "
+    if isinstance(rec, dict) and "layer" in rec:
+        ok = (set(rec) == set(SHARED_KEYS) and isinstance(rec["layer"], str) and _int(rec["bits"], MIN_BITS, MAX_BITS)
+              and _int(rec["index_bits"], 1, 8) and isinstance(rec["shape"], list)
+              and all(_int(d, 0) for d in rec["shape"]) and _int(rec["kept"], 0) and _int(rec["entries"], 0)
+              and isinstance(rec["bytes"], list) and len(rec["bytes"]) == 2 and all(_int(b, 0) for b in rec["bytes"]))
+        if not ok:
+            raise ZooError(bad + f"a shared layer with keys {', '.join(SHARED_KEYS)} (bits and index_bits in "
+                                 f"{MIN_BITS}..{MAX_BITS}, sizes ints >= 0)")
+        if rec["kept"] > math.prod(rec["shape"]) or rec["entries"] < rec["kept"]:
+            raise ZooError(f"{where}: deep-compression header, layer {rec['layer']!r}: {rec['kept']} kept weights "
+                           f"in {rec['entries']} entries do not fit its {math.prod(rec['shape'])} weights")
+        return
+    ok = (isinstance(rec, dict) and set(rec) == set(RAW_KEYS) and isinstance(rec["key"], str)
+          and rec["dtype"] in DTYPES and isinstance(rec["shape"], list) and all(_int(d, 0) for d in rec["shape"]))
+    if not ok:
+        raise ZooError(bad + f"a tensor with keys {', '.join(RAW_KEYS)} (dtype one of {', '.join(DTYPES)})")
+
+
+def layout_shapes(layout: Any, payload_shape: tuple[int, ...] | None, where: str) -> dict[str, tuple[int, ...]]:
+    """The state-tensor shapes a checked layout decodes to; ZooError naming the header if it is malformed."""
+    if not (isinstance(layout, dict) and layout.get("version") == VERSION and isinstance(layout.get("records"), list)):
+        raise ZooError(f"{where}: deep-compression header {short_repr(layout)} is not allowed; expected an object "
+                       f"with version {VERSION} and a list of records")
+    shapes: dict[str, tuple[int, ...]] = {}
+    total = 0
+    for i, rec in enumerate(layout["records"]):
+        _check_record(rec, i, where)
+        total += sum(sections(rec).values())
+        if "layer" in rec:
+            c, x, mb, ms = shared_keys(rec["layer"])
+            n = math.prod(rec["shape"])
+            new = {c: (2 ** rec["bits"],), x: tuple(rec["shape"]), mb: ((n + 7) // 8,), ms: (len(rec["shape"]),)}
+        else:
+            new = {rec["key"]: tuple(rec["shape"])}
+        if set(new) & set(shapes):
+            raise ZooError(f"{where}: deep-compression header names tensor {sorted(set(new) & set(shapes))[0]!r} twice")
+        shapes.update(new)
+    if payload_shape != (total,):
+        raise ZooError(f"{where}: deep-compression header describes {total:,} payload bytes but the file's "
+                       f"{PAYLOAD!r} tensor has shape {short_repr(payload_shape)}; the file is truncated or corrupt")
+    return shapes
+
+
+def _decode_shared(rec: dict[str, Any], buf: memoryview, where: str) -> dict[str, torch.Tensor]:
+    """The four state tensors of one shared layer from its payload bytes."""
+    k, ib, layer = 2 ** rec["bits"], rec["index_bits"], rec["layer"]
+    o = 4 * k
+    cent = torch.from_numpy(np.frombuffer(buf[:o], dtype="<f4").astype(np.float32))
+    vlen = huffman.unpack_lengths(bytes(buf[o: o + _lengths_bytes(rec["bits"])]), k)
+    o += _lengths_bytes(rec["bits"])
+    ilen = huffman.unpack_lengths(bytes(buf[o: o + _lengths_bytes(ib)]), 2 ** ib)
+    o += _lengths_bytes(ib)
+    huffman.check_lengths(vlen, rec["kept"], f"{where}: codebook of the cluster indices of layer {layer!r}")
+    huffman.check_lengths(ilen, rec["entries"], f"{where}: codebook of the relative indices of layer {layer!r}")
+    nv, ni = rec["bytes"]
+    what = f"{where}: Huffman stream of the {{}} of layer {layer!r}"
+    values = huffman.decode(bytes(buf[o: o + nv]), vlen, rec["kept"], what.format("cluster indices"))
+    symbols = huffman.decode(bytes(buf[o + nv: o + nv + ni]), ilen, rec["entries"], what.format("relative indices"))
+    pos = positions_of(symbols, ib)
+    n = math.prod(rec["shape"])
+    if pos.size != rec["kept"] or (pos.size and int(pos[-1]) >= n):
+        raise ZooError(what.format("relative indices") + f": it decodes to {pos.size} weights up to position "
+                       f"{int(pos[-1]) if pos.size else -1}; the header says {rec['kept']} of {n}")
+    idx = np.zeros(n, dtype=np.uint8)
+    idx[pos] = values
+    keep = np.zeros(n, dtype=np.uint8)
+    keep[pos] = 1
+    c, x, mb, ms = shared_keys(layer)
+    return {c: cent, x: torch.from_numpy(idx).reshape(rec["shape"]), mb: pack_bits(torch.from_numpy(keep), 1),
+            ms: torch.tensor(rec["shape"], dtype=torch.int64)}
+
+
+def decode(layout: dict[str, Any], payload: bytes, where: str) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of a layout checked by `layout_shapes` and its verified payload."""
+    buf = memoryview(payload)
+    out: dict[str, torch.Tensor] = {}
+    o = 0
+    for rec in layout["records"]:
+        n = sum(sections(rec).values())
+        if "layer" in rec:
+            out.update(_decode_shared(rec, buf[o: o + n], where))
+        else:
+            raw = torch.frombuffer(bytearray(buf[o: o + n]), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+            out[rec["key"]] = raw.view(DTYPES[rec["dtype"]]).reshape(rec["shape"]).clone()
+        o += n
+    return out
+
+
+def breakdown(layout: dict[str, Any]) -> dict[str, int]:
+    """Payload bytes by kind over all records: codebook, values (cluster indices), index, other tensors."""
+    out = {"codebook": 0, "values": 0, "index": 0, "other": 0}
+    for rec in layout["records"]:
+        for k, v in sections(rec).items():
+            out[k] += v
+    return out
