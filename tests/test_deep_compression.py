@@ -260,3 +260,17 @@ def test_share_stage_validation(tmp_path: Path, stage: dict, words: list[str]) -
         load_recipe(p)
     for w in words:
         assert w in str(e.value)
+
+
+def test_unshared_models_and_pruning_masks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = zoo.create("mlp", hidden=(16,), resolution=8)
+    path = save(plain, tmp_path / "plain.safetensors", format="deep")  # no shared layer: every tensor raw
+    assert _bytes_equal(state_tensors(plain), state_tensors(load_checkpoint(path)))
+    masked = prune(plain, 0.5, protect=[])  # masks not baked: share_weights bakes them, zeros stay zero
+    s = share_weights(masked, bits=3)
+    assert [st["kind"] for st in s.spec.compression] == ["share"]
+    for path_, m, _ in shared_layers(s):
+        assert torch.equal(m.weight == 0, masked.get_submodule(path_).weight == 0)
+    path = save(s, tmp_path / "s3.safetensors", format="deep")
+    assert _bytes_equal(state_tensors(s), state_tensors(load_checkpoint(path)))
