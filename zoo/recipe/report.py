@@ -22,7 +22,7 @@ from zoo.profile import measure_latency, profile
 from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
 from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
 from zoo.recipe.schema import Recipe, load_recipe
-from zoo.recipe.share_stage import file_fields
+from zoo.recipe.share_stage import file_fields, layer_lines
 from zoo.untrusted import clip, parse_json, read_text, short_repr
 
 RESULTS_VERSION = 1
@@ -257,6 +257,7 @@ def render_markdown(res: dict[str, Any]) -> str:
     if any(c in cols for c in FILE_COLUMNS):
         lines.append(FILE_NOTE)
         lines.append("")
+        lines += layer_lines(res["rows"])
     if any(c in cols for c in ("delta_top1", "ref_delta_top1", "mac_reduction")):
         lines.append("Top-1 change: this row's top-1 minus the top-1 of the dense model at the start of its `from` "
                      "chain; published change: the same difference in the cited work. Fewer MACs: MACs of that "

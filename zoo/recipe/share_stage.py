@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from zoo.compress import share_weights
-from zoo.compress.deepfile import breakdown
+from zoo.compress.deepfile import breakdown, sections
 from zoo.compress.sharing import LAYER_KINDS, MAX_BITS, MIN_BITS
 from zoo.errors import ZooError
 from zoo.recipe.checks import Checker
@@ -118,10 +118,40 @@ def file_fields(stage_dir: Path, root_dir: Path, decode_ms: float | None) -> dic
     out: dict[str, Any] = {"file": f.name, "file_bytes": size, "dense_file_bytes": dense_size,
                            "file_ratio": dense_size / size}
     if f == deep:
-        parts = breakdown(read_checkpoint(f).metadata["deep"])
+        layout = read_checkpoint(f).metadata["deep"]
+        parts = breakdown(layout)
         out["file_parts"] = {**parts, "header": size - sum(parts.values())}
+        out["file_layers"] = [_layer(rec) for rec in layout["records"] if "layer" in rec]
         out["decode_ms"] = decode_ms
     return out
+
+
+def _layer(rec: dict[str, Any]) -> dict[str, Any]:
+    """One shared layer of a deep file as in Han et al. 2016, Tables 2-3: weights kept, bits per kept weight."""
+    n, kept = 1, rec["kept"]
+    for d in rec["shape"]:
+        n *= d
+    sec = sections(rec)
+    return {"layer": rec["layer"], "weights": n, "kept": kept, "bits": rec["bits"], "index_bits": rec["index_bits"],
+            "entries": rec["entries"], "value_bits_huffman": 8 * sec["values"] / max(kept, 1),
+            "index_bits_huffman": 8 * sec["index"] / max(kept, 1), "bytes": sum(sec.values())}
+
+
+def layer_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown: the per-layer table (Han et al. 2016, Tables 2-3) of every row with a deep file."""
+    rows = [r for r in rows if r.get("file_layers")]
+    if not rows:
+        return []
+    out = ["Per layer, as in Han et al. 2016 Tables 2-3 (bits per kept weight; the relative indices' Huffman bits "
+           "include the filler entries; rate: the layer's fp32 bytes / its bytes in the file):", "",
+           "| row | layer | weights | kept (%) | weight bits | weight bits, Huffman | index bits | index bits, Huffman "
+           "| rate |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for x in r["file_layers"]:
+            out.append(f"| {r['stage']} | {x['layer']} | {x['weights']:,} | {100 * x['kept'] / x['weights']:.1f} | "
+                       f"{x['bits']} | {x['value_bits_huffman']:.2f} | {x['index_bits']} | "
+                       f"{x['index_bits_huffman']:.2f} | {4 * x['weights'] / x['bytes']:.1f}x |")
+    return out + [""]
 
 
 SHARE = StageType(name="share", keys=SHARE_KEYS, validate=_validate_share, runner=run_share, needs_model=False,
