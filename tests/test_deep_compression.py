@@ -52,6 +52,8 @@ def test_kmeans_starts_linear_and_converges_to_cluster_means() -> None:
     cent, assign = linear_kmeans(v, 3)
     assert torch.allclose(cent, torch.tensor([-1.0, 0.5, 2.0]), atol=1e-6)
     assert assign.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    cent, assign = linear_kmeans(torch.tensor([-1.0, -1.0, 1.0, 1.0]), 3)  # the middle cluster stays empty: 0
+    assert cent.tolist() == [-1.0, 0.0, 1.0] and assign.tolist() == [0, 0, 2, 2]
 
 
 def test_share_weights_bits_per_layer_kind_and_zeros_kept(shared: torch.nn.Module) -> None:
@@ -150,12 +152,12 @@ def _flip(buf: bytearray, at: int) -> bytearray:
     return buf
 
 
-def _first_shared(layout: dict) -> tuple[dict, int]:
-    """The first shared record of a layout and the payload offset where it starts."""
+def _first_shared(layout: dict) -> tuple[int, dict, int]:
+    """(position in the layout, fields, payload offset) of the first shared record of a layout."""
     o = 0
-    for rec in layout["records"]:
+    for i, rec in enumerate(deepfile.records(layout, "test")):
         if "layer" in rec:
-            return rec, o
+            return i, rec, o
         o += sum(deepfile.sections(rec).values())
     raise AssertionError("no shared record")
 
@@ -170,26 +172,26 @@ def test_damaged_deep_files_are_refused_naming_the_file_and_the_part(shared: tor
         load_checkpoint(cut)
     with safe_open(str(good), "pt") as f:
         layout = json.loads(f.metadata()["zoo.deep"])
-    rec, start = _first_shared(layout)
+    _, rec, start = _first_shared(layout)
     k = 2 ** rec["bits"]
     bad = _rewrite(good, tmp_path / "sum.safetensors", edit_payload=lambda b: _flip(b, start), fix_checksum=False)
     with pytest.raises(zoo.ZooError, match=r"sum\.safetensors.*checksum mismatch"):
         load_checkpoint(bad)
-    lengths_at = start + 4 * k  # the code lengths of the cluster indices: all 1 bit is no prefix code
+    lengths_at = start + 4 * rec["centroids"]  # the code lengths of the cluster indices: all 1 bit is no prefix code
     bad = _rewrite(good, tmp_path / "cb.safetensors",
                    edit_payload=lambda b: b[:lengths_at] + bytes([0x11]) * (k // 2) + b[lengths_at + k // 2:])
     with pytest.raises(zoo.ZooError, match=r"cb\.safetensors.*codebook of the cluster indices.*Kraft"):
         load_checkpoint(bad)
 
     def more_entries(lay: dict) -> None:
-        _first_shared(lay)[0]["entries"] += 50  # 50 more symbols than the stream holds
+        lay["records"][_first_shared(lay)[0]][deepfile.SHARED_FIELDS.index("entries")] += 50  # more than it holds
 
     bad = _rewrite(good, tmp_path / "huff.safetensors", edit_layout=more_entries)
     with pytest.raises(zoo.ZooError, match=r"huff\.safetensors.*Huffman stream of the relative indices"):
         load_checkpoint(bad)
 
     def bits9(lay: dict) -> None:
-        _first_shared(lay)[0]["bits"] = 9
+        lay["records"][_first_shared(lay)[0]][deepfile.SHARED_FIELDS.index("bits")] = 9
 
     bad = _rewrite(good, tmp_path / "head.safetensors", edit_layout=bits9)
     with pytest.raises(zoo.ZooError, match=r"head\.safetensors.*deep-compression header.*1\.\.8"):
@@ -274,3 +276,17 @@ def test_unshared_models_and_pruning_masks(tmp_path: Path) -> None:
         assert torch.equal(m.weight == 0, masked.get_submodule(path_).weight == 0)
     path = save(s, tmp_path / "s3.safetensors", format="deep")
     assert _bytes_equal(state_tensors(s), state_tensors(load_checkpoint(path)))
+
+
+def test_nonzero_unused_centroids_are_stored_too(shared: torch.nn.Module, tmp_path: Path) -> None:
+    model = copy.deepcopy(shared)
+    m, p = model.features[0], model.features[0].parametrizations.weight[0]
+    unused = torch.ones(256, dtype=torch.bool)
+    unused[p.idx[p.mask].long()] = False
+    assert unused.any()
+    small = save(model, tmp_path / "small.safetensors", format="deep")
+    with torch.no_grad():
+        m.parametrizations.weight.original[unused.nonzero()[0]] = 1.5  # no weight uses it: the file keeps it anyway
+    full = save(model, tmp_path / "full.safetensors", format="deep")
+    assert os.path.getsize(full) > os.path.getsize(small)
+    assert _bytes_equal(state_tensors(model), state_tensors(load_checkpoint(full)))

@@ -6,16 +6,17 @@ one checkpoint loader. The file is a safetensors file (no pickle) holding one ui
 payload; its header holds `zoo.spec` (name, kwargs, compression steps), `zoo.deep` (the layout below) and
 `zoo.sha256`, the sha256 of the canonical JSON of every other zoo.* header entry followed by the payload.
 
-Each weight shared by zoo.compress.sharing (`centroids[index] * keep`) is one record of the layout,
-`{"layer", "shape", "bits", "index_bits", "kept", "entries", "bytes": [value stream, index stream]}`, whose
-payload sections are, in order: the 2^bits float32 centroids; the code lengths (4 bits each) of the
+Each weight shared by zoo.compress.sharing (`centroids[index] * keep`) is one record of the layout, the
+list `[layer, shape, bits, index_bits, kept, entries, value stream bytes, index stream bytes, centroids]`
+(`SHARED_FIELDS`), whose payload sections are, in order: the float32 centroids (all 2^bits, or, when every
+unused one is exactly 0, only those of the clusters that have a code); the code lengths (4 bits each) of the
 cluster-index Huffman code (2^bits symbols) and of the index-difference code (2^index_bits symbols); the
 Huffman stream of the cluster index of every kept weight; the Huffman stream of the relative indices.
 A kept weight at flat position p after the previous one at q (q = -1 at the start) is the symbol
 p - q - 1 when that is below F = 2^index_bits - 1; a longer gap first takes filler entries, the symbol F,
 each advancing F positions with no value (the paper's filler zeros: their value is implicitly zero and not
 stored). index_bits is 8 for conv and 5 for fc weights (the paper's choice). Every other state tensor is a
-record `{"key", "dtype", "shape"}` whose raw little-endian bytes follow in the payload.
+record `[key, dtype, shape]` (`RAW_FIELDS`) whose raw little-endian bytes follow in the payload.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF1
           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
           "BOOL": torch.bool}
 _NAMES = {v: k for k, v in DTYPES.items()}
-SHARED_KEYS = ("layer", "shape", "bits", "index_bits", "kept", "entries", "bytes")
-RAW_KEYS = ("key", "dtype", "shape")
+SHARED_FIELDS = ("layer", "shape", "bits", "index_bits", "kept", "entries", "value_bytes", "index_bytes", "centroids")
+RAW_FIELDS = ("key", "dtype", "shape")
 
 
 def canonical(obj: Any) -> bytes:
@@ -85,7 +86,7 @@ def positions_of(symbols: np.ndarray, index_bits: int) -> np.ndarray:
     return (np.cumsum(advance) - 1)[real]
 
 
-def _shared_record(layer: str, m: nn.Module, p: nn.Module, parts: list[bytes]) -> dict[str, Any]:
+def _shared_record(layer: str, m: nn.Module, p: nn.Module, parts: list[bytes]) -> list[Any]:
     """Encode one shared layer into payload parts; its layout record."""
     keep = p.mask.detach().cpu().reshape(-1).numpy()
     positions = np.flatnonzero(keep)
@@ -96,11 +97,13 @@ def _shared_record(layer: str, m: nn.Module, p: nn.Module, parts: list[bytes]) -
     vlen = huffman.code_lengths(np.bincount(values, minlength=k))
     ilen = huffman.code_lengths(np.bincount(symbols, minlength=2 ** ib))
     vstream, istream = huffman.encode(values, vlen), huffman.encode(symbols, ilen)
-    cent = m.parametrizations.weight.original.detach().cpu().float().contiguous()
-    parts += [cent.numpy().astype("<f4").tobytes(), huffman.pack_lengths(vlen), huffman.pack_lengths(ilen),
-              vstream, istream]
-    return {"layer": layer, "shape": list(p.mask.shape), "bits": p.bits, "index_bits": ib,
-            "kept": int(positions.size), "entries": int(symbols.size), "bytes": [len(vstream), len(istream)]}
+    cent = m.parametrizations.weight.original.detach().cpu().float().contiguous().numpy().astype("<f4")
+    used = vlen > 0
+    if not cent.view("<i4")[~used].any():  # unused centroids all +0.0: store those of the coded clusters only
+        cent = cent[used]
+    parts += [cent.tobytes(), huffman.pack_lengths(vlen), huffman.pack_lengths(ilen), vstream, istream]
+    return [layer, list(p.mask.shape), p.bits, ib, int(positions.size), int(symbols.size), len(vstream),
+            len(istream), int(cent.size)]
 
 
 def encode(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any]]:
@@ -108,7 +111,7 @@ def encode(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[bytes, d
     shared = {_prefix(n) + "original": (n, m, p) for n, m, p in shared_layers(model)}
     skip = {k for n, _, _ in shared.values() for k in shared_keys(n)}
     parts: list[bytes] = []
-    records: list[dict[str, Any]] = []
+    records: list[list[Any]] = []
     for key, t in tensors.items():
         if key in shared:
             records.append(_shared_record(*shared[key], parts))
@@ -118,7 +121,7 @@ def encode(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[bytes, d
                 raise ZooError(f"save (format='deep'): tensor {key!r} has dtype {t.dtype}, which the deep format "
                                f"does not store; allowed: {', '.join(str(d) for d in DTYPES.values())}")
             parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            records.append({"key": key, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+            records.append([key, _NAMES[t.dtype], list(t.shape)])
     return b"".join(parts), {"version": VERSION, "records": records}
 
 
@@ -129,8 +132,8 @@ def _lengths_bytes(bits: int) -> int:
 def sections(rec: dict[str, Any]) -> dict[str, int]:
     """Payload bytes of one record by kind: codebook (centroids and code lengths), values, index, other."""
     if "layer" in rec:
-        cb = 4 * 2 ** rec["bits"] + _lengths_bytes(rec["bits"]) + _lengths_bytes(rec["index_bits"])
-        return {"codebook": cb, "values": rec["bytes"][0], "index": rec["bytes"][1], "other": 0}
+        cb = 4 * rec["centroids"] + _lengths_bytes(rec["bits"]) + _lengths_bytes(rec["index_bits"])
+        return {"codebook": cb, "values": rec["value_bytes"], "index": rec["index_bytes"], "other": 0}
     n = math.prod(rec["shape"]) * torch.empty(0, dtype=DTYPES[rec["dtype"]]).element_size()
     return {"codebook": 0, "values": 0, "index": 0, "other": n}
 
@@ -139,35 +142,45 @@ def _int(v: Any, lo: int, hi: int | None = None) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
 
 
-def _check_record(rec: Any, i: int, where: str) -> None:
+def _check_record(rec: Any, i: int, where: str) -> dict[str, Any]:
+    """One layout record (a list) as a dict of its fields; ZooError naming the header if it is malformed."""
     bad = f"{where}: deep-compression header, record {i} {short_repr(rec)} is not allowed; expected "
-    if isinstance(rec, dict) and "layer" in rec:
-        ok = (set(rec) == set(SHARED_KEYS) and isinstance(rec["layer"], str) and _int(rec["bits"], MIN_BITS, MAX_BITS)
-              and _int(rec["index_bits"], 1, 8) and isinstance(rec["shape"], list)
-              and all(_int(d, 0) for d in rec["shape"]) and _int(rec["kept"], 0) and _int(rec["entries"], 0)
-              and isinstance(rec["bytes"], list) and len(rec["bytes"]) == 2 and all(_int(b, 0) for b in rec["bytes"]))
+    if isinstance(rec, list) and len(rec) == len(SHARED_FIELDS):
+        r = dict(zip(SHARED_FIELDS, rec))
+        ok = (isinstance(r["layer"], str) and _int(r["bits"], MIN_BITS, MAX_BITS) and _int(r["index_bits"], 1, 8)
+              and isinstance(r["shape"], list) and all(_int(d, 0) for d in r["shape"])
+              and all(_int(r[k], 0) for k in ("kept", "entries", "value_bytes", "index_bytes", "centroids")))
         if not ok:
-            raise ZooError(bad + f"a shared layer with keys {', '.join(SHARED_KEYS)} (bits and index_bits in "
+            raise ZooError(bad + f"a shared layer [{', '.join(SHARED_FIELDS)}] (bits and index_bits in "
                                  f"{MIN_BITS}..{MAX_BITS}, sizes ints >= 0)")
-        if rec["kept"] > math.prod(rec["shape"]) or rec["entries"] < rec["kept"]:
-            raise ZooError(f"{where}: deep-compression header, layer {rec['layer']!r}: {rec['kept']} kept weights "
-                           f"in {rec['entries']} entries do not fit its {math.prod(rec['shape'])} weights")
-        return
-    ok = (isinstance(rec, dict) and set(rec) == set(RAW_KEYS) and isinstance(rec["key"], str)
-          and rec["dtype"] in DTYPES and isinstance(rec["shape"], list) and all(_int(d, 0) for d in rec["shape"]))
+        n = math.prod(r["shape"])
+        if r["kept"] > n or r["entries"] < r["kept"] or r["centroids"] > 2 ** r["bits"]:
+            raise ZooError(f"{where}: deep-compression header, layer {r['layer']!r}: {r['kept']} kept weights in "
+                           f"{r['entries']} entries, {r['centroids']} centroids do not fit its {n} weights and "
+                           f"{2 ** r['bits']} clusters")
+        return r
+    r = dict(zip(RAW_FIELDS, rec)) if isinstance(rec, list) and len(rec) == len(RAW_FIELDS) else {}
+    ok = (bool(r) and isinstance(r["key"], str) and isinstance(r["dtype"], str) and r["dtype"] in DTYPES
+          and isinstance(r["shape"], list) and all(_int(d, 0) for d in r["shape"]))
     if not ok:
-        raise ZooError(bad + f"a tensor with keys {', '.join(RAW_KEYS)} (dtype one of {', '.join(DTYPES)})")
+        raise ZooError(bad + f"a tensor [{', '.join(RAW_FIELDS)}] (dtype one of {', '.join(DTYPES)}) or a shared "
+                             f"layer [{', '.join(SHARED_FIELDS)}]")
+    return r
+
+
+def records(layout: Any, where: str) -> list[dict[str, Any]]:
+    """The checked records of a layout, each as a dict of its fields (shared layers have a "layer")."""
+    if not (isinstance(layout, dict) and layout.get("version") == VERSION and isinstance(layout.get("records"), list)):
+        raise ZooError(f"{where}: deep-compression header {short_repr(layout)} is not allowed; expected an object "
+                       f"with version {VERSION} and a list of records")
+    return [_check_record(rec, i, where) for i, rec in enumerate(layout["records"])]
 
 
 def layout_shapes(layout: Any, payload_shape: tuple[int, ...] | None, where: str) -> dict[str, tuple[int, ...]]:
     """The state-tensor shapes a checked layout decodes to; ZooError naming the header if it is malformed."""
-    if not (isinstance(layout, dict) and layout.get("version") == VERSION and isinstance(layout.get("records"), list)):
-        raise ZooError(f"{where}: deep-compression header {short_repr(layout)} is not allowed; expected an object "
-                       f"with version {VERSION} and a list of records")
     shapes: dict[str, tuple[int, ...]] = {}
     total = 0
-    for i, rec in enumerate(layout["records"]):
-        _check_record(rec, i, where)
+    for rec in records(layout, where):
         total += sum(sections(rec).values())
         if "layer" in rec:
             c, x, mb, ms = shared_keys(rec["layer"])
@@ -187,15 +200,22 @@ def layout_shapes(layout: Any, payload_shape: tuple[int, ...] | None, where: str
 def _decode_shared(rec: dict[str, Any], buf: memoryview, where: str) -> dict[str, torch.Tensor]:
     """The four state tensors of one shared layer from its payload bytes."""
     k, ib, layer = 2 ** rec["bits"], rec["index_bits"], rec["layer"]
-    o = 4 * k
-    cent = torch.from_numpy(np.frombuffer(buf[:o], dtype="<f4").astype(np.float32))
+    o = 4 * rec["centroids"]
+    stored = np.frombuffer(buf[:o], dtype="<f4").astype(np.float32)
     vlen = huffman.unpack_lengths(bytes(buf[o: o + _lengths_bytes(rec["bits"])]), k)
     o += _lengths_bytes(rec["bits"])
     ilen = huffman.unpack_lengths(bytes(buf[o: o + _lengths_bytes(ib)]), 2 ** ib)
     o += _lengths_bytes(ib)
     huffman.check_lengths(vlen, rec["kept"], f"{where}: codebook of the cluster indices of layer {layer!r}")
     huffman.check_lengths(ilen, rec["entries"], f"{where}: codebook of the relative indices of layer {layer!r}")
-    nv, ni = rec["bytes"]
+    cent = stored
+    if rec["centroids"] != k:  # only the centroids of the coded clusters are stored; the others are 0
+        if rec["centroids"] != int((vlen > 0).sum()):
+            raise ZooError(f"{where}: codebook of the cluster indices of layer {layer!r}: {rec['centroids']} centroids "
+                           f"stored for {int((vlen > 0).sum())} coded clusters")
+        cent = np.zeros(k, dtype=np.float32)
+        cent[vlen > 0] = stored
+    nv, ni = rec["value_bytes"], rec["index_bytes"]
     what = f"{where}: Huffman stream of the {{}} of layer {layer!r}"
     values = huffman.decode(bytes(buf[o: o + nv]), vlen, rec["kept"], what.format("cluster indices"))
     symbols = huffman.decode(bytes(buf[o + nv: o + nv + ni]), ilen, rec["entries"], what.format("relative indices"))
@@ -209,7 +229,7 @@ def _decode_shared(rec: dict[str, Any], buf: memoryview, where: str) -> dict[str
     keep = np.zeros(n, dtype=np.uint8)
     keep[pos] = 1
     c, x, mb, ms = shared_keys(layer)
-    return {c: cent, x: torch.from_numpy(idx).reshape(rec["shape"]), mb: pack_bits(torch.from_numpy(keep), 1),
+    return {c: torch.from_numpy(cent), x: torch.from_numpy(idx).reshape(rec["shape"]), mb: pack_bits(torch.from_numpy(keep), 1),
             ms: torch.tensor(rec["shape"], dtype=torch.int64)}
 
 
@@ -218,7 +238,7 @@ def decode(layout: dict[str, Any], payload: bytes, where: str) -> dict[str, torc
     buf = memoryview(payload)
     out: dict[str, torch.Tensor] = {}
     o = 0
-    for rec in layout["records"]:
+    for rec in records(layout, where):
         n = sum(sections(rec).values())
         if "layer" in rec:
             out.update(_decode_shared(rec, buf[o: o + n], where))
@@ -229,10 +249,10 @@ def decode(layout: dict[str, Any], payload: bytes, where: str) -> dict[str, torc
     return out
 
 
-def breakdown(layout: dict[str, Any]) -> dict[str, int]:
+def breakdown(layout: dict[str, Any], where: str = "deep file") -> dict[str, int]:
     """Payload bytes by kind over all records: codebook, values (cluster indices), index, other tensors."""
     out = {"codebook": 0, "values": 0, "index": 0, "other": 0}
-    for rec in layout["records"]:
+    for rec in records(layout, where):
         for k, v in sections(rec).items():
             out[k] += v
     return out

@@ -58,7 +58,10 @@ class SharedWeight(nn.Module):
 
 
 def linear_kmeans(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> tuple[torch.Tensor, torch.Tensor]:
-    """1-D k-means with linear initialisation: (float32 centroids (k,), cluster index of each value)."""
+    """1-D k-means with linear initialisation: (float32 centroids (k,), cluster index of each value).
+
+    Centroids of clusters left empty are set to 0: they stay 0 while training (no gradient), and the deep
+    file does not store them."""
     v = values.detach().reshape(-1).double().cpu()
     if v.numel() == 0:
         return torch.zeros(k), torch.zeros(0, dtype=torch.long)
@@ -74,7 +77,8 @@ def linear_kmeans(values: torch.Tensor, k: int, iters: int = KMEANS_ITERS) -> tu
         counts = torch.bincount(assign, minlength=k).double()
         cent = torch.where(counts > 0, sums / counts.clamp_min(1), cent)
     cent32 = cent.float()
-    return cent32, _nearest(v.float(), cent32)
+    assign = _nearest(v.float(), cent32)
+    return torch.where(torch.bincount(assign, minlength=k) > 0, cent32, torch.zeros_like(cent32)), assign
 
 
 def _nearest(v: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
