@@ -317,6 +317,7 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
     tol = {"top1": 0.0, "params": 0.0, "macs": 0.0, "size_kb": 0.0, **tolerance}
     tol.setdefault("nonzero", tol["params"])
     tol.setdefault("stored_kb", tol["size_kb"])
+    tol.setdefault("file_kb", tol["size_kb"])
     diffs: list[str] = []
     if committed.get("seeds") != new.get("seeds"):
         diffs.append(f"seeds: committed {committed.get('seeds')} vs re-run {new.get('seeds')}")
@@ -337,6 +338,9 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
                    None if n.get("size_bytes") is None else n["size_bytes"] / 1024, "KB")]
         if "nonzero_params" in o:  # results written before the compression columns lack these
             checks.append(("nonzero", o["nonzero_params"], n.get("nonzero_params"), ""))
+        if o.get("file_bytes") is not None:  # the file the stage wrote (a deep file for share stages), real bytes
+            checks.append(("file_kb", o["file_bytes"] / 1024,
+                           None if n.get("file_bytes") is None else n["file_bytes"] / 1024, "KB"))
         if "sparse_size_bytes" in o:
             checks.append(("stored_kb", None if o["sparse_size_bytes"] is None else o["sparse_size_bytes"] / 1024,
                            None if n.get("sparse_size_bytes") is None else n["sparse_size_bytes"] / 1024, "KB"))
@@ -346,7 +350,7 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
                     diffs.append(f"row {s}: {key} committed {a} vs re-run {b}")
                 continue
             if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > tol[key] + 1e-9:
-                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb") else (lambda v: f"{int(v):,}")
+                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb", "file_kb") else (lambda v: f"{int(v):,}")
                 diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
                              f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {tol[key]:g})")
     return diffs

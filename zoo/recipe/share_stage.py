@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from zoo.compress import share_weights
-from zoo.compress.deepfile import breakdown, sections
+from zoo.compress.deepfile import breakdown, records, sections
 from zoo.compress.sharing import LAYER_KINDS, MAX_BITS, MIN_BITS
 from zoo.errors import ZooError
 from zoo.recipe.checks import Checker
@@ -121,7 +121,7 @@ def file_fields(stage_dir: Path, root_dir: Path, decode_ms: float | None) -> dic
         layout = read_checkpoint(f).metadata["deep"]
         parts = breakdown(layout)
         out["file_parts"] = {**parts, "header": size - sum(parts.values())}
-        out["file_layers"] = [_layer(rec) for rec in layout["records"] if "layer" in rec]
+        out["file_layers"] = [_layer(rec) for rec in records(layout, str(f)) if "layer" in rec]
         out["decode_ms"] = decode_ms
     return out
 
