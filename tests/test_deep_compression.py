@@ -290,3 +290,12 @@ def test_nonzero_unused_centroids_are_stored_too(shared: torch.nn.Module, tmp_pa
     full = save(model, tmp_path / "full.safetensors", format="deep")
     assert os.path.getsize(full) > os.path.getsize(small)
     assert _bytes_equal(state_tensors(model), state_tensors(load_checkpoint(full)))
+
+
+@pytest.mark.parametrize("name", ["lenet_300_100", "lenet5"])
+def test_committed_deep_files_load_by_tag(name: str) -> None:
+    entry = next(e for e in zoo.list_weights() if e.architecture == name and e.tag == "mnist-deep-compression")
+    model = zoo.create(name, weights="mnist-deep-compression")
+    assert model.spec.compression[-1]["kind"] == "share" and shared_layers(model)
+    with safe_open(str(Path(__file__).resolve().parents[1] / "weights" / entry.file), "pt") as f:
+        assert list(f.keys()) == [deepfile.PAYLOAD] and "zoo.deep" in f.metadata()
