@@ -24,14 +24,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from zoo._registry import MAX_PARAMS
 from zoo.compress import huffman
-from zoo.compress.serialize import pack_bits
+from zoo.compress.serialize import PARAMS_SLACK, pack_bits
 from zoo.compress.sharing import MAX_BITS, MIN_BITS, shared_layers
 from zoo.errors import ZooError
 from zoo.untrusted import short_repr
@@ -55,6 +57,11 @@ def canonical(obj: Any) -> bytes:
 def checksum(header: dict[str, Any], payload: bytes) -> str:
     """sha256 hex of the header entries (parsed zoo.* values without sha256) and then the payload."""
     return hashlib.sha256(canonical(header) + b"\0" + payload).hexdigest()
+
+
+def params_budget(path: str | os.PathLike) -> int:
+    """Most parameters a deep file may describe: each payload bit is at most one entry of at most 255 positions."""
+    return min(MAX_PARAMS, os.path.getsize(path) * 8 * 255 + PARAMS_SLACK)
 
 
 def _prefix(layer: str) -> str:
@@ -97,7 +104,11 @@ def _shared_record(layer: str, m: nn.Module, p: nn.Module, parts: list[bytes]) -
     vlen = huffman.code_lengths(np.bincount(values, minlength=k))
     ilen = huffman.code_lengths(np.bincount(symbols, minlength=2 ** ib))
     vstream, istream = huffman.encode(values, vlen), huffman.encode(symbols, ilen)
-    cent = m.parametrizations.weight.original.detach().cpu().float().contiguous().numpy().astype("<f4")
+    original = m.parametrizations.weight.original
+    if original.dtype != torch.float32:
+        raise ZooError(f"save (format='deep'): the centroids of layer {layer!r} are {original.dtype}; the deep format "
+                       "stores float32 centroids (convert the model with .float() first)")
+    cent = original.detach().cpu().contiguous().numpy().astype("<f4")
     used = vlen > 0
     if not cent.view("<i4")[~used].any():  # unused centroids all +0.0: store those of the coded clusters only
         cent = cent[used]
@@ -111,18 +122,18 @@ def encode(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[bytes, d
     shared = {_prefix(n) + "original": (n, m, p) for n, m, p in shared_layers(model)}
     skip = {k for n, _, _ in shared.values() for k in shared_keys(n)}
     parts: list[bytes] = []
-    records: list[list[Any]] = []
+    recs: list[list[Any]] = []
     for key, t in tensors.items():
         if key in shared:
-            records.append(_shared_record(*shared[key], parts))
+            recs.append(_shared_record(*shared[key], parts))
         elif key not in skip:
             t = t.detach().cpu().contiguous()
             if t.dtype not in _NAMES:
                 raise ZooError(f"save (format='deep'): tensor {key!r} has dtype {t.dtype}, which the deep format "
                                f"does not store; allowed: {', '.join(str(d) for d in DTYPES.values())}")
             parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            records.append([key, _NAMES[t.dtype], list(t.shape)])
-    return b"".join(parts), {"version": VERSION, "records": records}
+            recs.append([key, _NAMES[t.dtype], list(t.shape)])
+    return b"".join(parts), {"version": VERSION, "records": recs}
 
 
 def _lengths_bytes(bits: int) -> int:
@@ -154,7 +165,7 @@ def _check_record(rec: Any, i: int, where: str) -> dict[str, Any]:
             raise ZooError(bad + f"a shared layer [{', '.join(SHARED_FIELDS)}] (bits and index_bits in "
                                  f"{MIN_BITS}..{MAX_BITS}, sizes ints >= 0)")
         n = math.prod(r["shape"])
-        if r["kept"] > n or r["entries"] < r["kept"] or r["centroids"] > 2 ** r["bits"]:
+        if r["kept"] > n or not r["kept"] <= r["entries"] <= n or r["centroids"] > 2 ** r["bits"]:
             raise ZooError(f"{where}: deep-compression header, layer {r['layer']!r}: {r['kept']} kept weights in "
                            f"{r['entries']} entries, {r['centroids']} centroids do not fit its {n} weights and "
                            f"{2 ** r['bits']} clusters")

@@ -112,6 +112,8 @@ def decode(data: bytes, lengths: np.ndarray, count: int, what: str) -> np.ndarra
         if data:
             raise ZooError(f"{what}: {len(data)} bytes where no symbols are coded")
         return np.zeros(0, dtype=np.int64)
+    if count > 8 * len(data):  # every code has at least one bit
+        raise ZooError(f"{what}: {len(data)} bytes cannot hold {count} symbols; the stream is truncated")
     width = int(lengths.max())
     table_sym = np.zeros(1 << width, dtype=np.int64)
     table_len = np.zeros(1 << width, dtype=np.int64)  # 0: no code starts with these bits

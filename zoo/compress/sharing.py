@@ -36,7 +36,7 @@ KMEANS_ITERS = 100  # Lloyd iterations at most (1-D k-means converges in far few
 class SharedWeight(nn.Module):
     """Parametrization: weight = centroids[index] * keep; the centroids are the trained `original`."""
 
-    def __init__(self, bits: int, index: torch.Tensor, keep: torch.Tensor):
+    def __init__(self, bits: int, index: torch.Tensor, keep: torch.Tensor) -> None:
         super().__init__()
         self.bits = bits
         self.register_buffer("idx", index.to(torch.uint8))

@@ -335,7 +335,8 @@ def _saved_kwargs(ckpt: Checkpoint, name: str) -> dict[str, Any]:
 
 def _load_compressed(ckpt: Checkpoint) -> nn.Module:
     """The smaller / int8 model a compressed checkpoint describes, with its weights; int8 models in eval mode."""
-    model = build_from_spec(ckpt.spec, max_params=params_budget(ckpt.path))
+    budget = deepfile.params_budget(ckpt.path) if "deep" in ckpt.metadata else params_budget(ckpt.path)
+    model = build_from_spec(ckpt.spec, max_params=budget)
     check_classes(ckpt, (ckpt.spec.get("kwargs") or {}).get("num_classes"))
     load_into(model, ckpt)
     pending_qat = any(s.get("method") == "qat" and not s.get("converted") for s in steps(model))
