@@ -240,8 +240,8 @@ def _decode_shared(rec: dict[str, Any], buf: memoryview, where: str) -> dict[str
     keep = np.zeros(n, dtype=np.uint8)
     keep[pos] = 1
     c, x, mb, ms = shared_keys(layer)
-    return {c: torch.from_numpy(cent), x: torch.from_numpy(idx).reshape(rec["shape"]), mb: pack_bits(torch.from_numpy(keep), 1),
-            ms: torch.tensor(rec["shape"], dtype=torch.int64)}
+    return {c: torch.from_numpy(cent), x: torch.from_numpy(idx).reshape(rec["shape"]),
+            mb: pack_bits(torch.from_numpy(keep), 1), ms: torch.tensor(rec["shape"], dtype=torch.int64)}
 
 
 def decode(layout: dict[str, Any], payload: bytes, where: str) -> dict[str, torch.Tensor]:
@@ -254,7 +254,8 @@ def decode(layout: dict[str, Any], payload: bytes, where: str) -> dict[str, torc
         if "layer" in rec:
             out.update(_decode_shared(rec, buf[o: o + n], where))
         else:
-            raw = torch.frombuffer(bytearray(buf[o: o + n]), dtype=torch.uint8) if n else torch.zeros(0, dtype=torch.uint8)
+            raw = torch.frombuffer(bytearray(buf[o: o + n]), dtype=torch.uint8) if n else torch.zeros(0,
+                                                                                                  dtype=torch.uint8)
             out[rec["key"]] = raw.view(DTYPES[rec["dtype"]]).reshape(rec["shape"]).clone()
         o += n
     return out

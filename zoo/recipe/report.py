@@ -30,7 +30,8 @@ FILE_COLUMNS = ("error", "delta_error", "file_kb", "file_ratio", "index_share", 
                 "other_share", "decode_ms")
 FILE_NOTE = ("Error: 100 - top-1; error change: this row's error minus that of the dense model at the start of its "
              "`from` chain. File size: os.path.getsize of the file the stage wrote: `model.deep.safetensors` (the "
-             "Deep Compression file of zoo.compress.deepfile) for share stages, else the fp32 safetensors checkpoint; "
+             "Deep Compression file of zoo.compress.deepfile) for share stages, else the fp32 safetensors "
+             "checkpoint; "
              "smaller: the dense fp32 checkpoint's size / this file's size. Index, codebook and values: the Huffman "
              "streams of the relative indices, the centroids plus both Huffman codebooks, and the Huffman streams of "
              "the cluster indices; other: unshared tensors stored raw (biases) and the safetensors header (spec, "
@@ -350,7 +351,8 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tolerance: dict[str,
                     diffs.append(f"row {s}: {key} committed {a} vs re-run {b}")
                 continue
             if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > tol[key] + 1e-9:
-                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb", "file_kb") else (lambda v: f"{int(v):,}")
+                fmt = ((lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb", "file_kb")
+                       else (lambda v: f"{int(v):,}"))
                 diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
                              f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {tol[key]:g})")
     return diffs

@@ -5,10 +5,10 @@ state tensors (compressed ones encoded by zoo.compress.serialize) plus string me
 `zoo.spec` (registry name, resolved kwargs, compression steps), optionally `zoo.classes`, `zoo.mean`,
 `zoo.std` and any JSON extras; `save_checkpoint(..., format="deep")` writes the Deep Compression file
 of zoo.compress.deepfile instead (one payload tensor with sparse, Huffman-coded shared weights; the
-layout and a sha256 in the header), which the same functions read back. `read_checkpoint` checks a file without reading its tensors (a
-`Checkpoint`); `load_checkpoint` rebuilds its model (registry, then the compression steps) and loads
-the tensors. Every loader of zoo (`zoo.create(weights=)`, `zoo.compress.load`, the recipe engine,
-predict, export, finetune, distill) goes through these two functions.
+layout and a sha256 in the header), which the same functions read back. `read_checkpoint` checks a
+file without reading its tensors (a `Checkpoint`); `load_checkpoint` rebuilds its model (registry, then
+the compression steps) and loads the tensors. Every loader of zoo (`zoo.create(weights=)`,
+`zoo.compress.load`, the recipe engine, predict, export, finetune, distill) goes through these two functions.
 
 Only safetensors is accepted. Pickle-based files (torch.save's .pt/.pth/.bin, zip or raw pickle) are
 refused, because unpickling runs arbitrary code. Imports point down only: the registry, zoo.compress
@@ -223,7 +223,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint, skip_prefix: str | None = None
         raise ZooError(f"weights {str(ckpt.path)!r}: could not load {_list(left + list(result.unexpected_keys))}")
 
 
-RESERVED_KEYS = ("spec", "classes", "mean", "std", "deep", "sha256")  # header entries save_checkpoint writes from its arguments
+# header entries save_checkpoint writes from its arguments (and, for format="deep", the layout and checksum)
+RESERVED_KEYS = ("spec", "classes", "mean", "std", "deep", "sha256")
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
