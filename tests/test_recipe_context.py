@@ -1,6 +1,6 @@
 """The recipe package's layers and the typed StageContext its runners get.
 
-Layers: checks / columns / registry / schema <- stage types (stages, compress_stages) <- engine <- report <- cli;
+Layers: checks / columns / registry / schema <- stage types (stages, compress_stages, share_stage) <- engine <- report <- cli;
 each module imports only the layers to its left, and no zoo import hides inside a function.
 """
 
@@ -23,9 +23,9 @@ from zoo.train import evaluate
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "zoo" / "recipe"
 # module -> layer; a module may import modules of lower layers, and of its own layer only as listed in SAME_LAYER
-LAYERS = {"checks": 0, "columns": 0, "compare": 0, "registry": 0, "schema": 0, "stages": 1, "compress_stages": 1, "engine": 2,
-          "report": 3, "cli": 4}
-SAME_LAYER = {"registry": {"checks"}, "schema": {"checks", "columns", "registry"}}
+LAYERS = {"checks": 0, "columns": 0, "compare": 0, "registry": 0, "schema": 0, "stages": 1, "compress_stages": 1,
+          "share_stage": 1, "engine": 2, "report": 3, "cli": 4}
+SAME_LAYER = {"registry": {"checks"}, "schema": {"checks", "columns", "registry"}, "share_stage": {"compress_stages"}}
 
 
 def _zoo_imports(path: Path) -> tuple[list[str], list[str]]:
@@ -65,7 +65,7 @@ def test_no_zoo_import_hides_inside_a_function() -> None:
 
 def test_runners_are_typed_with_the_context_dataclass() -> None:
     assert dataclasses.is_dataclass(StageContext)
-    for name in ("train", "distill", "prune", "quantize", "lowrank"):
+    for name in ("train", "distill", "prune", "quantize", "lowrank", "share"):
         hints = typing.get_type_hints(STAGE_TYPES[name].runner)
         assert hints[next(iter(hints))] is StageContext, name
 

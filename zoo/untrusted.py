@@ -144,7 +144,7 @@ def _looks_like_pickle(head: bytes) -> bool:
 
 
 def _corrupt(p: Path, why: object) -> ZooError:
-    return ZooError(f"weights file {str(p)!r} is truncated or corrupt (not a valid safetensors file): "
+    return ZooError(f"weights file {str(p)!r} is truncated or corrupt (not a valid safetensors file; its header does not parse or does not match the file's size): "
                     f"{clip(str(why), 200)}")
 
 

@@ -11,7 +11,9 @@ Every technique works on every registered family through one API:
 * `fix_activation_grids(model, {name: (scale, zero_point)})`: round layer outputs to fixed uint8 grids
   (a uint8 TFLite file's arithmetic, zoo.weights.tflite `activations="uint8"`).
 * `low_rank(model, rank=None, energy=None)`: SVD for linear / 1x1 convs, Tucker-2 for kxk convs.
-* `save(model, path)` / `load(path)`: the checkpoint writer and loader of zoo.weights.checkpoint
+* `share_weights(model, bits)`: Deep Compression's weight sharing (Han et al. 2016): per-layer k-means with
+  linear initialisation, bits per layer kind ({'conv': 8, 'fc': 5}) or path, trainable centroids.
+* `save(model, path, format="safetensors"|"deep")` / `load(path)`: the checkpoint writer and loader of zoo.weights.checkpoint
   (safetensors + spec, rebuilt through the registry, then each compression step).
 """
 
@@ -24,10 +26,12 @@ from zoo.compress.pruning import (GRANULARITIES, SCOPES, channel_groups, cubic_s
                                 prunable_layers, prune, prune_iterative, snip, sparsity)
 from zoo.compress.quantization import BACKENDS, METHODS, OBSERVERS, convert, quantize
 from zoo.compress.serialize import build_from_spec
+from zoo.compress.sharing import share_weights
 
 __all__ = ["BACKENDS", "CRITERIA", "GRANULARITIES", "METHODS", "OBSERVERS", "SCOPES",  # the option vocabularies
            "build_from_spec", "channel_groups", "convert", "cubic_schedule", "fix_activation_grids", "load", "low_rank",
-           "make_permanent", "prunable_layers", "prune", "prune_iterative", "quantize", "save", "snip", "sparsity"]
+           "make_permanent", "prunable_layers", "prune", "prune_iterative", "quantize", "save", "share_weights", "snip",
+           "sparsity"]
 
 
 def __getattr__(name: str) -> Any:

@@ -39,6 +39,7 @@ from zoo.compress.lowrank import rebuild as lowrank_rebuild
 from zoo.compress import pt2e
 from zoo.compress.pruning import register_masks
 from zoo.compress.quantization import rebuild as quant_rebuild
+from zoo.compress.sharing import rebuild as share_rebuild
 from zoo.compress.surgery import rebuild_structure
 from zoo.compress.weightquant import BinaryWeight, KBitWeight, TernaryWeight
 from zoo.errors import ZooError
@@ -235,7 +236,7 @@ def install_decoder(model: nn.Module) -> None:
 STEP_CONTAINERS: dict[str, dict[str, type]] = {  # kind -> keys every step of that kind needs, with their type
     "channels": {"modules": dict}, "mask": {"modules": list}, "lowrank": {"modules": dict},
     "weightquant": {"method": str, "modules": list}, "int8": {"method": str, "backend": str},
-    "actgrid": {"modules": dict},
+    "actgrid": {"modules": dict}, "share": {"modules": dict},
 }
 _REBUILD_ERRORS = (KeyError, TypeError, AttributeError, ValueError, IndexError, RuntimeError, NotImplementedError)
 BITS_PER_PARAM_MIN = 1  # binary weights: the densest encoding zoo writes stores 1 bit per parameter
@@ -288,6 +289,8 @@ def _apply_step(model: nn.Module, i: int, step: dict[str, Any]) -> nn.Module:
             lowrank_rebuild(model, step)
         elif kind == "actgrid":
             actgrid_rebuild(model, step)
+        elif kind == "share":
+            share_rebuild(model, step)
         else:
             quant_rebuild(model, step)
         return model

@@ -1,11 +1,11 @@
 """Recipes: YAML files that chain training stages (train, knowledge distillation after Hinton et al.
-2015, pruning, quantization and low-rank factorization) over seeds, then report a table
+2015, pruning, quantization, low-rank factorization and Deep Compression's weight sharing) over seeds, then report a table
 (top-1, params, MACs, size, CPU latency) and a plot; `zoo recipe run/check/validate` drive them.
 
 Layers (each module imports only those to its left):
 `checks`, `columns`, `registry` (StageSpec, the typed StageContext, the stage-type registry) and `schema`
 (validation, DAG order) <- the stage types `stages` (train, distill) and `compress_stages` (prune,
-quantize, lowrank) <- `engine` (running stages, done-markers) <- `report` (results.json, markdown,
+quantize, lowrank) and `share_stage` (share) <- `engine` (running stages, done-markers) <- `report` (results.json, markdown,
 plot, `run_recipe`, `check_recipe`) <- `cli` (the `zoo recipe` subcommands). The built-in stage types
 are registered here, so every import of zoo.recipe sees them.
 """
@@ -18,9 +18,10 @@ from zoo.recipe.registry import (STAGE_TYPES, StageContext, StageSpec, StageType
                                  register_stage_type)
 from zoo.recipe.report import check_recipe, run_recipe
 from zoo.recipe.schema import Recipe, RecipeError, load_recipe
+from zoo.recipe.share_stage import SHARE
 from zoo.recipe.stages import DISTILL, TRAIN, check_kd_defaults, check_train_defaults
 
-for _stage_type in (TRAIN, DISTILL, PRUNE, QUANTIZE, LOWRANK):
+for _stage_type in (TRAIN, DISTILL, PRUNE, QUANTIZE, LOWRANK, SHARE):
     register_stage_type(_stage_type)
 register_defaults_section("train", check_train_defaults)
 register_defaults_section("kd", check_kd_defaults)

@@ -54,6 +54,12 @@ def _ref_delta(r: dict) -> float | None:
     return None if ref.get("top1") is None or ref.get("base_top1") is None else ref["top1"] - ref["base_top1"]
 
 
+def _share(r: dict, *parts: str) -> str:
+    """Percentage of the row's deep file taken by these parts (`-` for a file that is not a deep file)."""
+    p = r.get("file_parts")
+    return "-" if not p or not r.get("file_bytes") else f"{100 * sum(p[k] for k in parts) / r['file_bytes']:.1f}"
+
+
 def _errors_cell(r: dict) -> str:
     m, s = _row_errors(r)
     return "-" if m is None else f"{pm(m, s, 1 if s is not None else 0)} / {r['num_val']:,}"
@@ -98,6 +104,17 @@ COLUMNS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "ref_delta_top1": ("published change (points)", lambda r: _signed(_ref_delta(r))),
     "mac_reduction": ("fewer MACs", lambda r: "-" if not r.get("dense_macs") or not r.get("macs")
                       else f"{r['dense_macs'] / r['macs']:.2f}x"),
+    # Deep Compression file columns (zoo.recipe.share_stage.file_fields): real bytes on disk
+    "error": ("error (%)", lambda r: f"{100 - r['top1']:.2f}"),
+    "delta_error": ("error change (points)", lambda r: _signed(None if _delta(r) is None else -_delta(r))),
+    "file_kb": ("file size (KB)", lambda r: "-" if r.get("file_bytes") is None else f"{r['file_bytes'] / 1024:,.1f}"),
+    "file_ratio": ("smaller (dense fp32 file / file)",
+                   lambda r: "-" if r.get("file_ratio") is None else f"{r['file_ratio']:.1f}x"),
+    "index_share": ("index (% of file)", lambda r: _share(r, "index")),
+    "codebook_share": ("codebook (% of file)", lambda r: _share(r, "codebook")),
+    "value_share": ("values (% of file)", lambda r: _share(r, "values")),
+    "other_share": ("other tensors + header (% of file)", lambda r: _share(r, "other", "header")),
+    "decode_ms": ("decode (ms)", lambda r: "-" if r.get("decode_ms") is None else f"{r['decode_ms']:.1f}"),
     "ratio": ("compression ratio", lambda r: "-" if r.get("compression_ratio") is None
               else f"{r['compression_ratio']:.1f}x"),
 }

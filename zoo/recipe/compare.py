@@ -84,7 +84,7 @@ class Tolerances:
             return self.base[key]
         if key == "nonzero":
             return max(self.base[key], math.ceil(RANK_RTOL * (row.get("dense_params") or row.get("params") or 0)))
-        if key == "stored_kb":
+        if key in ("stored_kb", "file_kb"):  # both follow the weights' values (sparsity, Huffman codes)
             dense = row.get("dense_size_bytes") or row.get("size_bytes") or 0
             return max(self.base[key], RANK_RTOL * dense / 1024 * 2)  # a weight costs its value and its index
         return self.base[key]
@@ -119,6 +119,7 @@ def tolerances(committed: dict[str, Any], env: dict[str, Any], recipe_tol: dict[
     base = {"top1": 0.0, "params": 0.0, "macs": 0.0, "size_kb": 0.0, **recipe_tol}
     base.setdefault("nonzero", base["params"])
     base.setdefault("stored_kb", base["size_kb"])
+    base.setdefault("file_kb", base["size_kb"])
     same, why = same_machine(committed.get("environment", {}), env)
     if same and quick:
         base = {k: 0.0 for k in base}
@@ -175,7 +176,8 @@ def compare(committed: dict[str, Any], new: dict[str, Any], tol: Tolerances) -> 
                 continue
             t = tol.key(s, key, o)
             if not (isinstance(a, (int, float)) and math.isfinite(a)) or abs(a - b) > t + 1e-9:
-                fmt = (lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb") else (lambda v: f"{int(v):,}")
+                fmt = ((lambda v: f"{v:,.2f}") if key in ("top1", "size_kb", "stored_kb", "file_kb")
+                       else (lambda v: f"{int(v):,}"))
                 how = f", {tol.top1[s][1]}" if key == "top1" and not tol.same_machine else ""
                 diffs.append(f"row {s} ({n['label']}): {key} re-run {fmt(b)} vs committed {fmt(a)} "
                              f"(|diff| {fmt(abs(a - b))}{' ' + unit if unit else ''} > tolerance {t:g}{how})")
@@ -189,6 +191,8 @@ def _row_checks(o: dict[str, Any], n: dict[str, Any]) -> list[tuple[str, Any, An
               ("macs", o.get("macs"), n["macs"], ""), ("size_kb", kb(o, "size_bytes"), kb(n, "size_bytes"), "KB")]
     if "nonzero_params" in o:  # results written before the compression columns lack these
         checks.append(("nonzero", o["nonzero_params"], n.get("nonzero_params"), ""))
+    if o.get("file_bytes") is not None:  # the file the stage wrote (a deep file for share stages), real bytes
+        checks.append(("file_kb", kb(o, "file_bytes"), kb(n, "file_bytes"), "KB"))
     if "sparse_size_bytes" in o:
         checks.append(("stored_kb", kb(o, "sparse_size_bytes"), kb(n, "sparse_size_bytes"), "KB"))
     return checks

@@ -23,9 +23,22 @@ from zoo.recipe.compare import CheckReport, compare, tolerances
 from zoo.recipe.columns import COLUMNS, TEXT_COLUMNS, mean_std
 from zoo.recipe.engine import Run, committed_paths, default_out, environment, load_checkpoint, run_stages, write_json
 from zoo.recipe.schema import Recipe, load_recipe
+from zoo.recipe.share_stage import file_fields, layer_lines
 from zoo.untrusted import clip, parse_json, read_text, short_repr
 
 RESULTS_VERSION = 1
+FILE_COLUMNS = ("error", "delta_error", "file_kb", "file_ratio", "index_share", "codebook_share", "value_share",
+                "other_share", "decode_ms")
+FILE_NOTE = ("Error: 100 - top-1; error change: this row's error minus that of the dense model at the start of its "
+             "`from` chain. File size: os.path.getsize of the file the stage wrote: `model.deep.safetensors` (the "
+             "Deep Compression file of zoo.compress.deepfile) for share stages, else the fp32 safetensors "
+             "checkpoint; "
+             "smaller: the dense fp32 checkpoint's size / this file's size. Index, codebook and values: the Huffman "
+             "streams of the relative indices, the centroids plus both Huffman codebooks, and the Huffman streams of "
+             "the cluster indices; other: unshared tensors stored raw (biases) and the safetensors header (spec, "
+             "layout, sha256). Decode: median of 5 loads of the deep file through zoo.weights.load_checkpoint "
+             "(read, sha256 check, Huffman decoding, model rebuild) with the run's torch threads; the table's top-1 "
+             "is that of the decoded model.")
 
 
 def _signed(mean: float, std: float | None) -> str:
@@ -124,13 +137,17 @@ def build_results(run: Run, records: dict[str, dict[int, dict]], seeds: list[int
                 "dense_size_bytes": dense, "dense_params": dense_nz, "dense_macs": dense_macs,
                 "dense_top1": _dense_top1(run, records, row.stage, seeds[0]),
                 "compression_ratio": dense / stored if stored else None}
+        root = _root_stage(recipe, row.stage)
+        files = file_fields(run.stage_dir(row.stage, first),
+                            run.stage_dir(root, run.effective_seed(recipe.stages[root], seeds[0])),
+                            recs[0]["metrics"].get("decode_ms"))
         rows.append({
             "stage": row.stage, "label": row.label, "type": spec.type, "model": spec.model,
             "kwargs": {k: v for k, v in spec.kwargs.items()}, "from": spec.source, "teacher": teacher,
             "seeds": [r["seed"] for r in recs], "top1": m1, "top1_std": s1, "top1_seeds": top1,
             "top5": m5, "top5_std": s5, "num_val": recs[0].get("num_val"),
             "hashes": [r["hash"] for r in recs], "time_s": statistics.fmean(r["time_s"] for r in recs),
-            "reference": row.reference or None, "options": run.options(spec), **prof, **comp,
+            "reference": row.reference or None, "options": run.options(spec), **prof, **comp, **files,
             "precision": recs[0]["metrics"].get("precision"), "memory_format": recs[0]["metrics"].get("memory_format"),
         })
     info = run.info
@@ -244,6 +261,10 @@ def render_markdown(res: dict[str, Any]) -> str:
                         if "nz_reduction" in cols else "")
                      + ". MACs count dense compute: unstructured zeros are not skipped.")
         lines.append("")
+    if any(c in cols for c in FILE_COLUMNS):
+        lines.append(FILE_NOTE)
+        lines.append("")
+        lines += layer_lines(res["rows"])
     if any(c in cols for c in ("delta_top1", "ref_delta_top1", "mac_reduction")):
         lines.append("Top-1 change: this row's top-1 minus the top-1 of the dense model at the start of its `from` "
                      "chain; published change: the same difference in the cited work. Fewer MACs: MACs of that "
@@ -311,7 +332,8 @@ RESULT_TYPES: dict[str, tuple[type, ...]] = {
 OPTIONAL_TYPES: dict[str, tuple[type, ...]] = {"missing_rows": (list,)}
 ROW_NUMBERS = ("top1", "top1_std", "top5", "top5_std", "num_val", "time_s", "params", "macs", "size_bytes",
                "latency_ms", "top1_pre", "nonzero_params", "sparsity", "sparse_size_bytes", "dense_params",
-               "dense_size_bytes", "compression_ratio", "dense_macs", "dense_top1")
+               "dense_size_bytes", "compression_ratio", "dense_macs", "dense_top1", "file_bytes",
+               "dense_file_bytes", "file_ratio", "decode_ms")
 
 
 def _number(v: Any) -> bool:

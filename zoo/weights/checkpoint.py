@@ -3,10 +3,12 @@
 A *checkpoint* (in zoo, only this) is a safetensors file written by `save_checkpoint`: the model's
 state tensors (compressed ones encoded by zoo.compress.serialize) plus string metadata in the header:
 `zoo.spec` (registry name, resolved kwargs, compression steps), optionally `zoo.classes`, `zoo.mean`,
-`zoo.std` and any JSON extras. `read_checkpoint` checks a file without reading its tensors (a
-`Checkpoint`); `load_checkpoint` rebuilds its model (registry, then the compression steps) and loads
-the tensors. Every loader of zoo (`zoo.create(weights=)`, `zoo.compress.load`, the recipe engine,
-predict, export, finetune, distill) goes through these two functions.
+`zoo.std` and any JSON extras; `save_checkpoint(..., format="deep")` writes the Deep Compression file
+of zoo.compress.deepfile instead (one payload tensor with sparse, Huffman-coded shared weights; the
+layout and a sha256 in the header), which the same functions read back. `read_checkpoint` checks a
+file without reading its tensors (a `Checkpoint`); `load_checkpoint` rebuilds its model (registry, then
+the compression steps) and loads the tensors. Every loader of zoo (`zoo.create(weights=)`,
+`zoo.compress.load`, the recipe engine, predict, export, finetune, distill) goes through these two functions.
 
 Only safetensors is accepted. Pickle-based files (torch.save's .pt/.pth/.bin, zip or raw pickle) are
 refused, because unpickling runs arbitrary code. Imports point down only: the registry, zoo.compress
@@ -28,19 +30,21 @@ import torch.nn as nn
 from safetensors.torch import save
 
 from zoo._registry import COMMON_ARGS, MAX_NUM_CLASSES, create, meta_model, model_card, resolve_kwargs
+from zoo.compress import deepfile
 from zoo.compress._common import is_quantized_model, steps
 from zoo.compress.serialize import build_from_spec, encode_state, is_compressed, params_budget
 from zoo.errors import ZooError
 from zoo.io import atomic_save, check_out_file
 from zoo.spec import attach_spec, model_name, require_spec, spec_of
 from zoo.untrusted import (
-    NONFINITE_HINT, check_file, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
+    NONFINITE_HINT, check_file, check_finite, check_flag, check_spec, clip, load_tensors, read_header, short_repr,
 )
 
 MAX_IN_CHANS = int(COMMON_ARGS["in_chans"].max or 64)
 
 HEAD_KEYS_SHOWN = 3  # how many keys of each kind an error message lists
 MAX_CLASS_NAME = 256  # characters of one class name in a header
+FORMATS = ("safetensors", "deep")  # save_checkpoint's file formats
 
 
 @dataclass
@@ -116,12 +120,31 @@ def read_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
     if spec is not None:
         check_spec(spec, where)
     check_metadata(meta, where, allow_nonfinite)
+    if "deep" in meta:  # a Deep Compression file: the shapes its payload decodes to
+        if not isinstance(meta.get("sha256"), str):
+            raise ZooError(f"{where}: deep-compression header has no zoo.sha256 checksum")
+        shapes = deepfile.layout_shapes(meta["deep"], shapes.get(deepfile.PAYLOAD), where)
     return Checkpoint(path=p, spec=spec, metadata=meta, shapes=shapes, allow_nonfinite=allow_nonfinite)
 
 
 def load_checkpoint_tensors(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
-    """All tensors of a checked checkpoint, on the CPU (NaN/inf refused unless the checkpoint allows them)."""
-    return load_tensors(ckpt.path, allow_nonfinite=ckpt.allow_nonfinite)
+    """All tensors of a checked checkpoint, on the CPU (NaN/inf refused unless the checkpoint allows them).
+
+    A Deep Compression file's payload is checked against its sha256, then decoded."""
+    if "deep" not in ckpt.metadata:
+        return load_tensors(ckpt.path, allow_nonfinite=ckpt.allow_nonfinite)
+    where = f"weights file {str(ckpt.path)!r}"
+    payload = load_tensors(ckpt.path)[deepfile.PAYLOAD].numpy().tobytes()
+    header = {k: v for k, v in ckpt.metadata.items() if k != "sha256"}
+    if ckpt.spec is not None:
+        header["spec"] = ckpt.spec
+    digest = deepfile.checksum(header, payload)
+    if digest != ckpt.metadata["sha256"]:
+        raise ZooError(f"{where}: checksum mismatch: the header and payload hash to sha256 {digest}, the header's "
+                       f"zoo.sha256 says {short_repr(ckpt.metadata['sha256'])}; the file is corrupt")
+    tensors = deepfile.decode(ckpt.metadata["deep"], payload, where)
+    check_finite(tensors, where, ckpt.allow_nonfinite)
+    return tensors
 
 
 def classifier_prefix(model: nn.Module) -> str:
@@ -200,7 +223,8 @@ def load_into(model: nn.Module, ckpt: Checkpoint, skip_prefix: str | None = None
         raise ZooError(f"weights {str(ckpt.path)!r}: could not load {_list(left + list(result.unexpected_keys))}")
 
 
-RESERVED_KEYS = ("spec", "classes", "mean", "std")  # header entries save_checkpoint writes from its arguments
+# header entries save_checkpoint writes from its arguments (and, for format="deep", the layout and checksum)
+RESERVED_KEYS = ("spec", "classes", "mean", "std", "deep", "sha256")
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:
@@ -261,11 +285,25 @@ def _header(model: nn.Module, classes: Sequence[str] | None, mean: Sequence[floa
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    extra: dict[str, Any] | None = None) -> Path:
-    """Write a checkpoint atomically: tensors, spec, class names, input normalisation and JSON extras."""
+                    extra: dict[str, Any] | None = None, format: str = "safetensors") -> Path:
+    """Write a checkpoint atomically: tensors, spec, class names, input normalisation and JSON extras.
+
+    `format="deep"`: the Deep Compression file of zoo.compress.deepfile (shared weights stored sparse and
+    Huffman-coded, every other tensor raw, one payload tensor; the layout and a sha256 in the header)."""
     p = check_out_file(path, "save_checkpoint: path")
+    if not isinstance(format, str) or format not in FORMATS:
+        raise ZooError(f"save_checkpoint: format={short_repr(format)} is not allowed; allowed: {', '.join(FORMATS)}")
     header = _header(model, classes, mean, std, extra)
-    atomic_save(state_tensors(model), p, header)
+    tensors = state_tensors(model)
+    if format == "deep":
+        payload, layout = deepfile.encode(model, tensors)
+        parsed = {k[len("zoo."):]: json.loads(v) for k, v in header.items()}
+        parsed["deep"] = layout
+        header = {f"zoo.{k}": json.dumps(v, separators=(",", ":")) for k, v in parsed.items()}
+        header["zoo.sha256"] = json.dumps(deepfile.checksum(parsed, payload))
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
+        tensors = {deepfile.PAYLOAD: data}
+    atomic_save(tensors, p, header)
     return p
 
 
@@ -296,7 +334,8 @@ def _saved_kwargs(ckpt: Checkpoint, name: str) -> dict[str, Any]:
 
 def _load_compressed(ckpt: Checkpoint) -> nn.Module:
     """The smaller / int8 model a compressed checkpoint describes, with its weights; int8 models in eval mode."""
-    model = build_from_spec(ckpt.spec, max_params=params_budget(ckpt.path))
+    budget = deepfile.params_budget(ckpt.path) if "deep" in ckpt.metadata else params_budget(ckpt.path)
+    model = build_from_spec(ckpt.spec, max_params=budget)
     check_classes(ckpt, (ckpt.spec.get("kwargs") or {}).get("num_classes"))
     load_into(model, ckpt)
     pending_qat = any(s.get("method") == "qat" and not s.get("converted") for s in steps(model))
