@@ -9,6 +9,8 @@ hand, or left behind when a table is re-run, fails. After re-running a table, pr
 Placeholder functions (ARGS are row stages of the template's recipe, comma-separated):
   top1 s / std s            mean / std of top-1 over the row's seeds (points)
   err s / errstd s          errors per 10,000 test images, mean / std over seeds
+  errpct s                  error in percent (100 - top-1)
+  fileratio s               os.path.getsize of the dense fp32 file over that of the file the stage wrote
   d a,b                     top-1 of a minus top-1 of b (points)
   fewer s                   params / nonzero params (the dense count over the kept weights)
   smaller s                 serialized size of the dense model over the row's stored size
@@ -36,6 +38,12 @@ ROWS: list[tuple[str, str]] = [
     ("mnist_han", "| LeNet-5, MNIST, pruned 92% + int8 ([mnist_han](recipes/mnist_han.md)) | "
                   "{err:l5:.0f} → {err:l5_han_int8:.0f} errors / 10k, {fewer:l5_han_int8:.1f}x fewer weights, "
                   "{smaller:l5_han_int8:.1f}x smaller (bitmask estimate) | 80 → 77, 12x |"),
+    ("mnist_deep_compression", "| LeNet-300-100 / LeNet-5, MNIST, Deep Compression: pruned 92%, weights shared (fc 5 "
+                               "bits, conv 8), Huffman-coded file ([mnist_deep_compression]"
+                               "(recipes/mnist_deep_compression.md)) | error {errpct:l300:.2f} → {errpct:l300_dc:.2f}%, "
+                               "{fileratio:l300_dc:.1f}x smaller file / {errpct:l5:.2f} → {errpct:l5_dc:.2f}%, "
+                               "{fileratio:l5_dc:.1f}x (os.path.getsize, fp32 file over deep file) | 1.64 → 1.58%, "
+                               "40x / 0.80 → 0.74%, 39x (Han et al. 2016) |"),
     ("mnist_hinton", "| MLP 2x800 distilled from 2x1200, MNIST, 3 seeds ([mnist_hinton](recipes/mnist_hinton.md)) | "
                      "teacher {err:teacher:.0f}, student {err:student:.0f} ± {errstd:student:.0f}, distilled "
                      "{err:student_kd:.0f} ± {errstd:student_kd:.0f} errors: {gap:student,student_kd,teacher:.0f}% "
@@ -114,6 +122,8 @@ FUNCS: dict[str, Callable[[dict[str, dict[str, Any]], list[str]], Any]] = {
     "top1": lambda R, a: R[a[0]]["top1"],
     "std": lambda R, a: R[a[0]]["top1_std"],
     "err": lambda R, a: _err(R[a[0]]),
+    "errpct": lambda R, a: 100.0 - R[a[0]]["top1"],
+    "fileratio": lambda R, a: R[a[0]]["file_ratio"],
     "errstd": lambda R, a: 100.0 * R[a[0]]["top1_std"],
     "d": lambda R, a: R[a[0]]["top1"] - R[a[1]]["top1"],
     "fewer": lambda R, a: R[a[0]]["params"] / R[a[0]]["nonzero_params"],
