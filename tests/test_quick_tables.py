@@ -1,8 +1,12 @@
-"""The recipe's `quick:` overrides reach the sections they name (quick.train the train sections, quick.finetune
-the `finetune:` blocks of prune / quantize / lowrank stages) and are checked merged into each of them."""
+"""Quick checks that can fail (issue 25, item 6): every committed `--quick` table must lift every row clearly
+above chance, so that re-running it (tests/test_recipe*.py) checks trained models, not untrained ones; and the
+recipe's `quick:` overrides reach the sections they name (quick.train the train sections, quick.finetune the
+`finetune:` blocks of prune / quantize / lowrank stages)."""
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +14,49 @@ import yaml
 
 from zoo.recipe import RecipeError, load_recipe
 from zoo.recipe.engine import Run
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_TABLES = sorted((REPO / "recipes").glob("*.quick.results.json"))
+SIGMAS = 3.0  # standard errors of the chance top-1 a quick row must clear
+# quick tables still at chance in some rows (issue 25, item 6, open): they need a quick section measured and
+# their quick table re-written; strict, so the mark must go once a table is lifted
+AT_CHANCE = {"cifar10_compress", "cifar10_kd", "cifar10_prune", "cifar10_quant_mbv2", "digits_kd",
+             "mnist_han"}
+
+
+def chance_floor(num_classes: int, num_val: int, sigmas: float = SIGMAS) -> float:
+    """Top-1 (%) that a model guessing at chance reaches with probability ~0.1% (one-sided, normal
+    approximation of the binomial): chance + `sigmas` standard errors on `num_val` images."""
+    p = 1.0 / num_classes
+    return 100.0 * (p + sigmas * math.sqrt(p * (1.0 - p) / num_val))
+
+
+def test_chance_floor_for_ten_classes_on_128_images() -> None:
+    # 10% + 3 * sqrt(0.1 * 0.9 / 128) = 10% + 3 * 2.65%: a row at 17.2% (the old digits teacher) fails
+    assert chance_floor(10, 128) == pytest.approx(17.95, abs=0.01)
+    assert chance_floor(10, 10_000) == pytest.approx(10.90, abs=0.01)
+    assert chance_floor(2, 128, sigmas=0) == 50.0
+
+
+def test_quick_tables_exist() -> None:
+    assert len(QUICK_TABLES) >= 8, QUICK_TABLES
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="quick table not yet lifted above chance"))
+    if p.name.split(".")[0] in AT_CHANCE else p for p in QUICK_TABLES], ids=lambda p: p.name.split(".")[0])
+def test_every_quick_row_is_clearly_above_chance(path: Path) -> None:
+    """Each seed of each row of a committed quick table clears chance_floor on its own held-out images."""
+    res = json.loads(path.read_text())
+    assert res["quick"], path
+    k = res["dataset"]["num_classes"]
+    low = []
+    for row in res["rows"]:
+        floor = chance_floor(k, row["num_val"])
+        low += [f"{row['stage']} seed {i}: {t:.2f}% <= {floor:.2f}%" for i, t in enumerate(row["top1_seeds"])
+                if t <= floor]
+    assert not low, f"{path.name}: rows at chance ({k} classes): " + "; ".join(low)
+
 
 BASE = {
     "dataset": {"name": "digits", "input_size": [1, 28, 28]},
