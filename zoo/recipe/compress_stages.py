@@ -10,10 +10,11 @@ They transform the model of an earlier stage (`from:`) with zoo.compress:
 * `lowrank`: SVD / Tucker-2 factorisation (Denton et al. 2014, Kim et al. 2016) by rank or energy.
 
 The optional `finetune:` block holds zoo.train.TrainConfig keys over `defaults.finetune` (`true`
-takes `defaults.finetune` as it is); `--quick` shortens it like every train section. A prune stage's `kd:`
-distils that fine-tune from the stage's own dense `from` model (Hinton et al. 2015), which recovers the
-accuracy pruning removed faster than labels alone. The final model
-is evaluated on the held-out images after compression (for QAT: after conversion to int8).
+takes `defaults.finetune` as it is); `--quick` overrides it with the recipe's quick.finetune (default:
+quick.train, as for every train section). A prune stage's `kd:` distils that fine-tune from the stage's own
+dense `from` model (Hinton et al. 2015), which recovers the accuracy pruning removed faster than labels
+alone. The final model is evaluated on the held-out images after compression (for QAT: after conversion to
+int8).
 
 The option vocabularies (criteria, granularities, scopes, methods, backends, observers) are zoo.compress's;
 zoo.finetune's `--then` steps compile into these stages and run through these runners.
@@ -376,11 +377,13 @@ def run_lowrank(ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
 
 
 PRUNE = StageType(name="prune", keys=PRUNE_KEYS, validate=_validate_prune, runner=run_prune, needs_model=False,
-                  doc="pruning (zoo.compress.prune) with optional fine-tuning")
+                  finetunes=True, doc="pruning (zoo.compress.prune) with optional fine-tuning")
 QUANTIZE = StageType(name="quantize", keys=QUANT_KEYS, validate=_validate_quantize, runner=run_quantize,
-                     needs_model=False, doc="quantization (zoo.compress.quantize) with optional QAT / STE fine-tuning")
+                     needs_model=False, finetunes=True,
+                     doc="quantization (zoo.compress.quantize) with optional QAT / STE fine-tuning")
 LOWRANK = StageType(name="lowrank", keys=LOWRANK_KEYS, validate=_validate_lowrank, runner=run_lowrank,
-                    needs_model=False, doc="low-rank factorisation (zoo.compress.low_rank) with optional fine-tuning")
+                    needs_model=False, finetunes=True,
+                    doc="low-rank factorisation (zoo.compress.low_rank) with optional fine-tuning")
 
 
 def check_finetune_defaults(chk: Checker, path: str, d: dict) -> dict[str, Any]:

@@ -115,10 +115,11 @@ class Run:
         return spec.seed if spec.seed is not None else seed
 
     def options(self, spec: StageSpec) -> dict[str, Any]:
-        """The stage's options with the --quick train overrides applied."""
+        """The stage's options with the --quick overrides applied: quick.finetune to the fine-tune block of a
+        `finetunes` stage type (prune, quantize, lowrank), quick.train to every other train section."""
         opts = json.loads(_canon(spec.options))
         if self.quick and "train" in opts:
-            opts["train"].update(self.recipe.quick["train"])
+            opts["train"].update(self.recipe.quick["finetune" if STAGE_TYPES[spec.type].finetunes else "train"])
         return opts
 
     def stage_dir(self, name: str, eff_seed: int) -> Path:

@@ -89,7 +89,8 @@ class StageType:
     another stage (or, for keys also in `file_refs`, a .safetensors file); `runner(ctx)` trains or
     transforms the model and returns `(model, metrics)` with at least metrics["top1"], ["top5"] and
     ["loss"]. `needs_model=False` types (`prune`, `quantize`, `lowrank`) take their input model only
-    through `from`.
+    through `from`; `finetunes=True` types keep their `finetune:` block under options["train"] (--quick
+    overrides it with the recipe's quick.finetune instead of quick.train).
     """
 
     name: str
@@ -99,6 +100,7 @@ class StageType:
     ref_keys: tuple[str, ...] = ()
     file_refs: tuple[str, ...] = ()
     needs_model: bool = True
+    finetunes: bool = False
     doc: str = ""
 
 

@@ -19,10 +19,12 @@ from zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from zoo.data.sources import data_root
 from zoo.errors import ZooError
 from zoo.recipe.checks import (  # RecipeError, Checker and DATASETS are part of this module's API too
-    DATASETS, Checker, RecipeError, check_model_kwargs, check_train_config, short_value, type_name,
+    DATASETS, Checker, RecipeError, check_model_kwargs, check_train_config, short_value,
+    type_name,
 )
 from zoo.recipe.columns import COLUMNS, DEFAULT_COLUMNS
 from zoo.recipe.registry import COMMON_STAGE_KEYS, DEFAULT_SECTIONS, STAGE_TYPES, StageSpec
+from zoo.train import TrainConfig
 from zoo.untrusted import check_flow_depth, check_tree, clip, read_text
 
 DATA_PREFIX = "$ZOO_DATA/"  # recipe paths starting with this are under zoo.data.sources.data_root()
@@ -77,7 +79,8 @@ TOP_KEYS = {
     "table": "mapping: rows (list of stage names or {stage, label, reference}), columns (list)",
     "tolerance": "mapping for `zoo recipe check`: top1 (points), params, macs, size_kb",
     "latency": "mapping: threads (torch threads for the latency column), batch_size",
-    "quick": "mapping for --quick: seeds (list), train (overrides, default {epochs: 1})",
+    "quick": "mapping for --quick: seeds (list), train (overrides, default {epochs: 1}), finetune (overrides of "
+             "fine-tune blocks, default: train's)",
 }
 DATASET_KEYS = {
     "name": "one of " + ", ".join(DATASETS),
@@ -98,7 +101,9 @@ TOLERANCE_KEYS = {"top1": "max |diff| of top-1 in points", "params": "max |diff|
                   "macs": "max |diff| of MACs", "size_kb": "max |diff| of serialized size in KB"}
 LATENCY_KEYS = {"threads": "torch threads while timing (int >= 1)", "batch_size": "batch size (int >= 1)"}
 QUICK_KEYS = {"seeds": "seeds used with --quick (default: the first seed)",
-              "train": "train-config overrides used with --quick (default {epochs: 1})"}
+              "train": "train-config overrides used with --quick (default {epochs: 1})",
+              "finetune": "train-config overrides of the `finetune:` blocks of prune / quantize / lowrank stages "
+                          "used with --quick, instead of `train` (default: the `train` overrides)"}
 
 
 def load_yaml(path: Path) -> Any:
@@ -172,6 +177,7 @@ def validate_recipe(raw: Any, path: Path) -> Recipe:
     for k, v in chk.mapping(raw.get("latency", {}) or {}, "latency", LATENCY_KEYS).items():
         latency[k] = _positive_int(chk, v, f"latency.{k}")
     quick = _quick(chk, raw.get("quick", {}) or {}, seeds)
+    _check_quick_merges(chk, quick, stages)
     return Recipe(path=path, name=name, description=description, dataset=dataset, seeds=seeds,
                   stages=stages, rows=rows, columns=columns, tolerance=tolerance, latency=latency,
                   quick=quick, raw=raw)
@@ -439,4 +445,26 @@ def _quick(chk: Checker, q: Any, seeds: list[int]) -> dict[str, Any]:
         out["seeds"] = list(s)
     if "train" in q:
         out["train"] = check_train_config(chk, "quick.train", chk.mapping(q["train"], "quick.train"), partial=True)
+    out["finetune"] = out["train"]
+    if "finetune" in q:
+        out["finetune"] = check_train_config(chk, "quick.finetune", chk.mapping(q["finetune"], "quick.finetune"),
+                                             partial=True)
     return out
+
+
+def _check_quick_merges(chk: Checker, quick: dict[str, Any], stages: dict[str, StageSpec]) -> None:
+    """Every train section with the --quick overrides it gets (quick.finetune for a `finetunes` stage type,
+    else quick.train) is a valid TrainConfig: e.g. quick epochs below a stage's warmup_epochs fail here,
+    not in the middle of a --quick run. The error names the override key the message is about, if any."""
+    for name, spec in stages.items():
+        if "train" not in spec.options:
+            continue
+        key = "finetune" if STAGE_TYPES[spec.type].finetunes else "train"
+        try:
+            TrainConfig.from_dict({"progress": False, **spec.options["train"], **quick[key]})
+        except (ZooError, ValueError, TypeError) as e:
+            msg = str(e)
+            k = next((k for k in sorted(quick[key], key=len, reverse=True)
+                      if re.search(rf"(?<![\w]){re.escape(k)}(=|'|\s)", msg)), None)
+            raise chk.fail(f"quick.{key}" + (f".{k}" if k else ""),
+                           f"{msg} (with stages.{name}'s {key} section)") from None
