@@ -48,6 +48,9 @@ ROWS: list[tuple[str, str]] = [
                      "teacher {err:teacher:.0f}, student {err:student:.0f} ± {errstd:student:.0f}, distilled "
                      "{err:student_kd:.0f} ± {errstd:student_kd:.0f} errors: {gap:student,student_kd,teacher:.0f}% "
                      "of the gap closed | 67 / 146 / 74: 91% |"),
+    ("cifar10_scratch", "| ResNet-20 trained from scratch by zoo, 40 epochs, 3 seeds, CIFAR-10 JPEG "
+                        "([cifar10_scratch](recipes/cifar10_scratch.md)) | {top1:r20:.2f} ± {std:r20:.2f} (goal: 88.0; "
+                        "MobileNet v2 0.5 and ShuffleNet v2 0.5 not run yet) | 92.60 (chenyaofo, lossless, 200 epochs) |"),
     ("cifar10_compress", "| ResNet-20 / ResNet-56 int8 PTQ, CIFAR-10 JPEG, imported weights + 1 epoch "
                          "([cifar10_compress](recipes/cifar10_compress.md)) | {top1:r20:.2f} → {top1:r20_int8:.2f} / "
                          "{top1:r56:.2f} → {top1:r56_int8:.2f} (goal: drop ≤ 0.5), {smaller:r20_int8:.1f}x / "
