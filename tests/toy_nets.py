@@ -67,6 +67,7 @@ def outputs(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # int8 vs fp32 top-1 agreement on the 359 held-out digits that the quantization tests require. Measured
 # disagreements: 0-7 of 359 on the Intel Xeon VM (AVX-512 VNNI) across the families of test_compress_quant,
 # 11 on a Zen 4 (issue 26: 0.969). Modelled as Poisson around the worst, the floor allows d + 3 sqrt(d) + 1
-# = 22 images. CPUs without VNNI are not covered: with torch's AVX2 kernels the x86 int8 path disagrees on up
-# to 64 of 359 (ShuffleNet v2; ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2), an open issue of the int8 path.
+# = 22 images. CPUs without VNNI were not measured: emulating them here (ATEN_CPU_CAPABILITY=avx2
+# ONEDNN_MAX_CPU_ISA=AVX2) gave up to 64 of 359, but that is not faithful, since torch chooses reduce_range from
+# the real CPU's VNNI flag (torch.cpu._is_vnni_supported) and so kept 8-bit activations on 16-bit kernels.
 INT8_AGREEMENT_FLOOR = 1 - (11 + 3 * 11 ** 0.5 + 1) / 359
