@@ -117,3 +117,10 @@ def test_linear_schedule_goes_to_zero_after_warmup() -> None:
     assert lrs[9] == pytest.approx(0.4) and lrs[10] == pytest.approx(0.4)
     assert lrs[25] == pytest.approx(0.4 * (1 - 15 / 30))
     assert lrs[-1] == pytest.approx(0.4 / 30) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_auto_without_a_batch_to_probe_keeps_the_default(monkeypatch) -> None:
+    monkeypatch.setattr(ts, "cpu_flags", lambda: {"avx512_bf16"})
+    c = ts.resolve("auto", "auto", _model(), None)
+    assert (c.precision, c.channels_last) == ("fp32", False) and "no training batch" in c.reason
+    assert ts.resolve("bf16", True, _model(), None).precision == "bf16"  # explicit values are kept

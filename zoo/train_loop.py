@@ -191,13 +191,10 @@ def _choose_speed(run: _Run, saved: dict[str, Any] | None) -> SpeedChoice:
     cfg = run.cfg
     ds = getattr(run.train_loader, "dataset", None)
     shape = tuple(ds[0][0].shape) if ds is not None and hasattr(ds, "__getitem__") and len(ds) else None
-    if shape is None:
-        return resolve(cfg.precision if cfg.precision != "auto" else "fp32",
-                       cfg.channels_last if cfg.channels_last != "auto" else False, run.model,
-                       torch.zeros(1, 1, device=run.device))
-    example = torch.zeros(cfg.batch_size, *shape, device=run.device)
+    example = None if shape is None else torch.zeros(cfg.batch_size, *shape, device=run.device)
     quiet = (lambda s: None) if run.rank else None
-    choice = [resolve(cfg.precision, cfg.channels_last, run.model, example, log=quiet) if run.rank == 0 else None]
+    choice = [resolve(cfg.precision, cfg.channels_last, run.model, example, log=quiet, device=run.device)
+              if run.rank == 0 else None]
     if run.world > 1:  # every rank trains as rank 0 measured
         dist.broadcast_object_list(choice, src=0)
     return choice[0]

@@ -125,23 +125,27 @@ def probe(model: nn.Module, example: torch.Tensor, precisions: tuple[str, ...], 
         torch.set_rng_state(rng)
 
 
-def resolve(precision: str, channels_last: bool | str, model: nn.Module, example: torch.Tensor,
-            log: Callable[[str], None] | None = None) -> SpeedChoice:
+def resolve(precision: str, channels_last: bool | str, model: nn.Module, example: torch.Tensor | None,
+            log: Callable[[str], None] | None = None, device: torch.device | str = "cpu") -> SpeedChoice:
     """The (precision, memory format) a run trains with: explicit values are kept (bf16 without native
-    support falls back to fp32 with a message), "auto" ones are chosen by `probe`."""
+    support falls back to fp32 with a message), "auto" ones are chosen by `probe` on a batch like `example`
+    (None: no batch to probe with, so "auto" keeps fp32 NCHW)."""
     if precision not in PRECISIONS:
         raise ZooError(f"precision={precision!r} is not allowed; expected one of {', '.join(PRECISIONS)}")
     if not (isinstance(channels_last, bool) or channels_last == "auto"):
         raise ZooError(f"channels_last={channels_last!r} is not allowed; expected True, False or 'auto'")
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    device = example.device
+    device = torch.device(device) if example is None else example.device
+    native = native_bf16(device)
     notes = []
-    if precision == "bf16" and not native_bf16(device):
+    if precision == "bf16" and not native:
         log(f"precision bf16: this {'GPU' if device.type == 'cuda' else 'CPU'} has no native bf16 "
             "(AVX512-BF16 or AMX); training in fp32 instead")
         precision, notes = "fp32", ["bf16 asked, no native bf16: fp32"]
-    precs = ("fp32", "bf16") if precision == "auto" and native_bf16(device) else \
-        ("fp32",) if precision == "auto" else (precision,)
+    if example is None and "auto" in (precision, channels_last):
+        notes.append("auto: no training batch to probe with, fp32 NCHW")
+        precision, channels_last = ("fp32" if precision == "auto" else precision), channels_last is True
+    precs = ("fp32", "bf16") if precision == "auto" and native else ("fp32",) if precision == "auto" else (precision,)
     if precision == "auto" and len(precs) == 1:
         notes.append("auto: no native bf16, fp32")
     fmts = (False, True) if channels_last == "auto" and example.dim() == 4 else (channels_last is True,)
